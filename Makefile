@@ -1,0 +1,30 @@
+# The install step pins torch to the releases that lie on these machines' local disk;
+# pyproject.toml keeps open ranges for real users.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+TORCH_PINS = torch==2.14.1 torchvision==0.29.1
+DEMO_OUT ?= demo_out
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[all]' $(TORCH_PINS)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/dnnshifter demo --out $(DEMO_OUT)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/bench_training.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info
