@@ -1,0 +1,105 @@
+"""Size, compute, latency and accuracy of one model or variant (plain torch + torchmetrics).
+
+Example::
+
+    >>> import torch
+    >>> from dnnshifter_lightning.models import DigitsCNN
+    >>> from dnnshifter_lightning.profile import count_params, count_macs
+    >>> m = DigitsCNN(width=8).eval()
+    >>> count_params(m)
+    18482
+    >>> count_macs(m, torch.zeros(1, 1, 8, 8)) > 0
+    True
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Iterable
+
+import torch
+import torchmetrics
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_params", "count_nonzero", "count_macs", "measure_latency_ms", "measure_accuracy", "state_bytes"]
+
+
+def _tensors(module: nn.Module, buffers: bool) -> Iterable[torch.Tensor]:
+    yield from module.parameters()
+    if buffers:
+        yield from (b for b in module.buffers() if b is not None and b.is_floating_point())
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of stored parameter entries (zeros included; shared parameters counted once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_nonzero(module: nn.Module) -> int:
+    """Number of parameter entries that are not exactly zero."""
+    return sum(int(torch.count_nonzero(p.detach())) for p in module.parameters())
+
+
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of all parameters and floating-point buffers as stored (dense)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(module, buffers=True))
+
+
+def count_macs(module: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example_input`` (FLOPs / 2, dense counting).
+
+    Uses :class:`torch.utils.flop_counter.FlopCounterMode`, which counts matmul/conv-like ATen ops,
+    so sparse models count their zeros: that is the compute a dense kernel spends on them.
+    """
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        module(example_input)
+    return int(counter.get_total_flops()) // 2
+
+
+def measure_latency_ms(module: nn.Module, example_input_batch: torch.Tensor, warmup: int = 5,
+                       repeats: int = 20) -> float:
+    """Median wall-clock milliseconds of ``module(example_input_batch)`` after ``warmup`` runs.
+
+    Runs under :func:`torch.inference_mode`. Thread count is the caller's choice
+    (``torch.set_num_threads``); the builder measures on one thread.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            module(example_input_batch)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            module(example_input_batch)
+            times.append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times))
+
+
+def _batch_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        return batch["x"] if "x" in batch else batch["input"], batch["y"] if "y" in batch else batch["target"]
+    x, y = batch[0], batch[1]
+    return x, y
+
+
+def measure_accuracy(module: nn.Module, dataloader: Iterable[Any], num_classes: int) -> float:
+    """Top-1 accuracy (micro average) of ``module`` over ``dataloader`` with torchmetrics.
+
+    Batches are ``(inputs, targets)`` tuples/lists or dicts with ``x``/``y`` keys. The module is
+    put in eval mode.
+    """
+    module.eval()
+    metric = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+    seen = 0
+    with torch.inference_mode():
+        for batch in dataloader:
+            x, y = _batch_xy(batch)
+            metric.update(module(x), y)
+            seen += len(y)
+    if seen == 0:
+        raise ValueError("measure_accuracy: the dataloader yielded no samples")
+    return float(metric.compute())
