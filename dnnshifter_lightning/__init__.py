@@ -1,2 +1,36 @@
-"""DNNShifter for PyTorch Lightning and TorchServe."""
+"""DNNShifter for PyTorch Lightning and TorchServe.
+
+* :class:`IterativeMagnitudePruning`: a Lightning callback running IMP with rewinding during ``fit``.
+* :class:`PortfolioBuilder` / :func:`prune_structurally`: exact structural pruning of the sparse
+  checkpoints into a portfolio of smaller dense variants, with no fine-tuning.
+* :class:`PortfolioRuntime`: hosts the portfolio compressed and switches the active variant.
+
+Names are imported lazily so that ``import dnnshifter_lightning`` stays cheap and the plain-torch
+core never pulls in Lightning or TorchServe.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "IterativeMagnitudePruning": "dnnshifter_lightning.imp",
+    "PortfolioBuilder": "dnnshifter_lightning.builder",
+    "prune_structurally": "dnnshifter_lightning.structured",
+    "PortfolioRuntime": "dnnshifter_lightning.runtime",
+}
+
+__all__ = list(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dnnshifter_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

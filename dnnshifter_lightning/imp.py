@@ -1,0 +1,493 @@
+"""Iterative Magnitude Pruning with rewinding (lottery tickets) as one Lightning callback.
+
+This is OpenLTH's IMP inside a single ``Trainer.fit``. Level 0 trains dense for ``epochs_per_level``
+epochs. Between level L and level L+1 the callback:
+
+1. writes level L's sparse checkpoint ``checkpoint_dir/level_LL.ckpt``;
+2. prunes ``prune_fraction`` of the surviving prunable weights by global magnitude;
+3. rewinds every weight and buffer (BN statistics too) to the rewind point, keeping the new masks;
+4. restores the optimizer and LR-scheduler states saved at the rewind point.
+
+Steps 1-4 run at the start of level L+1's first epoch, not at the end of level L's last epoch:
+Lightning steps epoch-interval LR schedulers *after* ``on_train_epoch_end``, so a reset there would
+leave the scheduler one step past the rewind point. Doing it at the start of the next epoch also
+means a checkpoint taken at the end of a level resumes through exactly the same code path.
+
+The final level's checkpoint is written when training ends. ``levels=N`` gives N+1 checkpoints,
+level L at weight sparsity ``1-(1-p)^L`` over the prunable weights, in ``(N+1) * epochs_per_level``
+epochs. The Trainer's ``max_epochs`` must equal that; the callback refuses to start otherwise and
+names the right value (it never changes your Trainer behind your back). ``callback.total_epochs``
+gives it.
+
+Example::
+
+    import lightning as L
+    from dnnshifter_lightning import IterativeMagnitudePruning
+    from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+
+    imp = IterativeMagnitudePruning(levels=3, epochs_per_level=2, rewind_to="1ep",
+                                    checkpoint_dir="imp_ckpts")
+    trainer = L.Trainer(max_epochs=imp.total_epochs, callbacks=[imp])
+    trainer.fit(DigitsClassifier(width=16), datamodule=DigitsDataModule())
+    # imp_ckpts/level_00.ckpt ... level_03.ckpt, each loadable with DigitsClassifier.load_from_checkpoint
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch import nn
+
+from .masks import (
+    DEFAULT_PRUNABLE_TYPES,
+    MaskEnforcer,
+    apply_masks_,
+    count_surviving,
+    find_prunable,
+    mask_digest,
+    prune_step,
+    survivors_after,
+)
+
+__all__ = ["IterativeMagnitudePruning", "CHECKPOINT_KEY", "parse_rewind_point"]
+
+#: Key under which every level checkpoint carries its metadata:
+#: ``{"format": 1, "level", "levels", "prune_fraction", "sparsity", "target_sparsity", "surviving",
+#: "prunable", "masks": {param_name: bool tensor}, "mask_sha256", "metrics": {name: float},
+#: "epoch", "global_step"}``.
+CHECKPOINT_KEY = "dnnshifter"
+
+_REWIND_RE = re.compile(r"^\s*(\d+)\s*(it|ep)\s*$")
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+def parse_rewind_point(rewind_to: int | str) -> tuple[int, str]:
+    """``(amount, unit)`` with unit ``"it"`` (optimizer steps) or ``"ep"`` (epochs).
+
+    Accepts OpenLTH's forms: an int number of steps, ``"2000it"``, ``"2ep"``, or ``0`` for the
+    original initialisation.
+    """
+    if isinstance(rewind_to, bool):
+        raise ValueError(f"rewind_to must be an int or a string like '500it' or '1ep', got {rewind_to!r}")
+    if isinstance(rewind_to, int):
+        if rewind_to < 0:
+            raise ValueError(f"rewind_to must be >= 0 steps, got {rewind_to}")
+        return rewind_to, "it"
+    if isinstance(rewind_to, str):
+        if rewind_to.strip().isdigit():
+            return int(rewind_to), "it"
+        m = _REWIND_RE.match(rewind_to)
+        if m:
+            return int(m.group(1)), m.group(2)
+    raise ValueError(
+        f"rewind_to={rewind_to!r} is not understood: use an int number of steps, 'Nit' (e.g. '2000it'), "
+        f"'Nep' (e.g. '1ep'), or 0 for the original initialisation"
+    )
+
+
+def _cpu_clone(obj: Any) -> Any:
+    """Deep copy with every tensor detached onto the CPU (rewind state must not hold GPU memory)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _cpu_clone(v)) for k, v in obj.items()) if not isinstance(obj, dict) else {
+            k: _cpu_clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_clone(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class IterativeMagnitudePruning(Callback):
+    """Iterative Magnitude Pruning with weight rewinding; one sparse checkpoint per level.
+
+    Args:
+        levels: number of pruning rounds N; the fit produces N+1 checkpoints (level 0 is dense).
+        prune_fraction: fraction of the *surviving* prunable weights removed at each level, in (0, 1).
+        epochs_per_level: epochs trained at every level.
+        rewind_to: the rewind point: an int number of optimizer steps, ``"Nit"``, ``"Nep"``, or ``0``
+            for the original initialisation (OpenLTH's ``--rewinding_steps``). It must not be later
+            than the end of level 0.
+        checkpoint_dir: where ``level_LL.ckpt`` files go (default ``<default_root_dir>/imp``). Must be
+            local: files are written to a temporary name and renamed.
+        exclude: module names or fnmatch patterns to leave dense (e.g. ``["model.classifier"]``).
+        layer_prune_fractions: ``{module name or pattern: fraction}`` for layers pruned at their own
+            rate, ranked on their own (e.g. ``{"model.classifier": 0.1}`` prunes the classifier at half
+            of a 0.2 rate, as the LTH papers do).
+        prunable_types: module types whose ``weight`` is prunable (default Conv1d/2d/3d and Linear).
+        include: optional ``(module_name, module) -> bool`` filter on top of ``prunable_types``.
+        overwrite: allow replacing level checkpoints left in ``checkpoint_dir`` by another run.
+        verbose: print one line per finished level and a table at the end (rank 0).
+
+    Metadata: each level checkpoint carries ``checkpoint["dnnshifter"]`` (see :data:`CHECKPOINT_KEY`).
+    Resuming: the callback's state (level, masks, rewind-point weights, optimizer and scheduler state
+    at the rewind point, per-level history) is saved in Lightning's own checkpoints, so
+    ``trainer.fit(model, ckpt_path=".../last.ckpt")`` continues IMP where it stopped.
+    """
+
+    def __init__(
+        self,
+        levels: int,
+        epochs_per_level: int,
+        prune_fraction: float = 0.2,
+        rewind_to: int | str = 0,
+        checkpoint_dir: str | os.PathLike | None = None,
+        exclude: Sequence[str] = (),
+        layer_prune_fractions: Mapping[str, float] | None = None,
+        prunable_types: Sequence[type[nn.Module]] = DEFAULT_PRUNABLE_TYPES,
+        include: Callable[[str, nn.Module], bool] | None = None,
+        overwrite: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 0:
+            raise ValueError(f"levels must be an int >= 0, got {levels!r}")
+        if isinstance(epochs_per_level, bool) or not isinstance(epochs_per_level, int) or epochs_per_level < 1:
+            raise ValueError(f"epochs_per_level must be an int >= 1, got {epochs_per_level!r}")
+        if not isinstance(prune_fraction, (int, float)) or not 0.0 < float(prune_fraction) < 1.0:
+            raise ValueError(f"prune_fraction must be strictly between 0 and 1 (e.g. 0.2), got {prune_fraction!r}")
+        for name, frac in (layer_prune_fractions or {}).items():
+            if not isinstance(frac, (int, float)) or not 0.0 <= float(frac) < 1.0:
+                raise ValueError(f"layer_prune_fractions[{name!r}] must be in [0, 1), got {frac!r}")
+        self.rewind_amount, self.rewind_unit = parse_rewind_point(rewind_to)
+        if self.rewind_unit == "ep" and self.rewind_amount > epochs_per_level:
+            raise ValueError(
+                f"rewind_to={rewind_to!r} is later than the end of level 0 ({epochs_per_level} epochs): "
+                f"use at most '{epochs_per_level}ep'"
+            )
+        self.levels = levels
+        self.epochs_per_level = epochs_per_level
+        self.prune_fraction = float(prune_fraction)
+        self.rewind_to = rewind_to
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.exclude = tuple(exclude)
+        self.layer_prune_fractions = dict(layer_prune_fractions or {})
+        self.prunable_types = tuple(prunable_types)
+        self.include = include
+        self.overwrite = overwrite
+        self.verbose = verbose
+
+        # State saved with Lightning checkpoints.
+        self.level = 0
+        self.masks: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, Any]] = []
+        self._rewind: dict[str, Any] | None = None
+        self._last_val_metrics: dict[str, float] = {}
+        self._level_started_at: float | None = None
+        self._level_seconds_before_resume = 0.0
+        # Runtime only.
+        self._weights: dict[str, nn.Parameter] = {}
+        self._enforcer: MaskEnforcer | None = None
+        self._restored = False
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def total_epochs(self) -> int:
+        """``(levels + 1) * epochs_per_level``: the ``max_epochs`` your Trainer needs."""
+        return (self.levels + 1) * self.epochs_per_level
+
+    def target_sparsity(self, level: int) -> float:
+        """``1 - (1 - prune_fraction) ** level``."""
+        return 1.0 - (1.0 - self.prune_fraction) ** level
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if strategy in _UNSUPPORTED_STRATEGIES:
+            raise ValueError(
+                f"IterativeMagnitudePruning does not support {strategy}: it shards parameters, so global "
+                f"magnitude ranks and masks would be computed on shards. Use strategy='ddp' (or a single device)."
+            )
+        if trainer.max_epochs != self.total_epochs:
+            raise ValueError(
+                f"IterativeMagnitudePruning(levels={self.levels}, epochs_per_level={self.epochs_per_level}) "
+                f"trains ({self.levels}+1)*{self.epochs_per_level} = {self.total_epochs} epochs: create the "
+                f"Trainer with max_epochs={self.total_epochs} (got max_epochs={trainer.max_epochs})."
+            )
+        if trainer.max_steps not in (-1, None):
+            raise ValueError(
+                f"Trainer(max_steps={trainer.max_steps}) would cut IMP short: leave max_steps unset and use "
+                f"max_epochs={self.total_epochs}."
+            )
+        if any(isinstance(cb, EarlyStopping) for cb in trainer.callbacks):
+            raise ValueError(
+                "EarlyStopping cannot be combined with IterativeMagnitudePruning: stopping early would end IMP "
+                "before its last level. Remove EarlyStopping, or choose fewer epochs_per_level."
+            )
+        if not pl_module.automatic_optimization and trainer.accumulate_grad_batches != 1:
+            raise ValueError("manual optimization with accumulate_grad_batches is not supported")
+        self._weights = find_prunable(pl_module, types=self.prunable_types, exclude=self.exclude,
+                                      include=self.include)
+        if not self._weights:
+            raise ValueError(
+                f"IterativeMagnitudePruning found no prunable parameters in {type(pl_module).__name__}: it prunes "
+                f"the weight of {[t.__name__ for t in self.prunable_types]} modules. Pass prunable_types=... "
+                f"or check exclude={list(self.exclude)}."
+            )
+        self._check_levels_leave_weights()
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = Path(trainer.default_root_dir) / "imp"
+
+    def _check_levels_leave_weights(self) -> None:
+        groups: dict[float, int] = {}
+        from .masks import _layer_of, _matches  # local: private helpers of the same package
+
+        for name, w in self._weights.items():
+            hit = _matches(_layer_of(name), self.layer_prune_fractions)
+            frac = self.prune_fraction if hit is None else self.layer_prune_fractions[hit]
+            groups[frac] = groups.get(frac, 0) + w.numel()
+        for frac, n in groups.items():
+            if frac > 0 and survivors_after(n, frac, self.levels) == 0:
+                raise ValueError(
+                    f"levels={self.levels} at prune_fraction={frac} would prune every one of {n} prunable weights. "
+                    f"Use fewer levels or a smaller prune_fraction."
+                )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        elapsed = self._level_seconds_before_resume
+        if self._level_started_at is not None:
+            elapsed += time.perf_counter() - self._level_started_at
+        return {
+            "config": {"levels": self.levels, "prune_fraction": self.prune_fraction,
+                       "epochs_per_level": self.epochs_per_level, "rewind": [self.rewind_amount, self.rewind_unit]},
+            "level": self.level,
+            "masks": {k: v.cpu() for k, v in self.masks.items()},
+            "rewind": self._rewind,
+            "history": self.history,
+            "last_val_metrics": self._last_val_metrics,
+            "level_seconds": elapsed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        cfg = state_dict["config"]
+        mine = {"levels": self.levels, "prune_fraction": self.prune_fraction,
+                "epochs_per_level": self.epochs_per_level, "rewind": [self.rewind_amount, self.rewind_unit]}
+        if {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()} != mine:
+            raise ValueError(
+                f"this checkpoint was written by IterativeMagnitudePruning with {cfg}; resuming it with {mine} "
+                f"would mix two schedules. Resume with the same settings."
+            )
+        self.level = int(state_dict["level"])
+        self.masks = {k: v.to(torch.bool) for k, v in state_dict["masks"].items()}
+        self._rewind = state_dict["rewind"]
+        self.history = list(state_dict["history"])
+        self._last_val_metrics = dict(state_dict["last_val_metrics"])
+        self._level_seconds_before_resume = float(state_dict.get("level_seconds", 0.0))
+        self._restored = True
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.rewind_unit == "it":
+            steps_per_epoch = max(1, -(-trainer.num_training_batches // trainer.accumulate_grad_batches))
+            end_of_level0 = steps_per_epoch * self.epochs_per_level
+            if self.rewind_amount > end_of_level0:
+                raise ValueError(
+                    f"rewind_to={self.rewind_to!r} is later than the end of level 0 ({end_of_level0} optimizer "
+                    f"steps = {self.epochs_per_level} epochs x {steps_per_epoch} steps): use at most {end_of_level0}."
+                )
+        # Lightning restores callback state after `setup`, so whether this is a resume is known only here.
+        existing = sorted(self.checkpoint_dir.glob("level_*.ckpt")) if self.checkpoint_dir.exists() else []
+        if existing and not self._restored and not self.overwrite:
+            raise FileExistsError(
+                f"{self.checkpoint_dir} already holds level checkpoints from another run ({existing[0].name}, ...). "
+                f"Use a new checkpoint_dir, delete them, or pass overwrite=True."
+            )
+        if trainer.is_global_zero:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier("dnnshifter.checkpoint_dir")
+        # Parameters may have been moved or wrapped by the strategy since `setup`: look them up again.
+        self._weights = find_prunable(pl_module, types=self.prunable_types, exclude=self.exclude,
+                                      include=self.include)
+        if not self.masks:
+            self.masks = {n: torch.ones_like(w, dtype=torch.bool, device="cpu") for n, w in self._weights.items()}
+        missing = set(self._weights) - set(self.masks)
+        if missing:
+            raise ValueError(f"restored IMP masks lack prunable parameters {sorted(missing)}: the model changed")
+        self._enforcer = MaskEnforcer(self._weights, self.masks)
+        self._enforcer.attach(trainer.optimizers)
+        if self._level_started_at is None:
+            self._level_started_at = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        due_level = min(epoch // self.epochs_per_level, self.levels)
+        if self.level < due_level:
+            self._maybe_capture_rewind(trainer, pl_module, at_level_end=True)
+            self._finish_level(trainer, pl_module)
+            self._start_next_level(trainer, pl_module)
+        if self.rewind_unit == "ep":
+            self._maybe_capture_rewind(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.rewind_unit == "it" and self._rewind is None:
+            self._maybe_capture_rewind(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {}
+        for key, value in trainer.callback_metrics.items():
+            if "val" in key.lower():
+                metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        self._last_val_metrics = metrics
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch >= self.total_epochs and self.level == self.levels and (
+            not self.history or self.history[-1]["level"] < self.levels
+        ):
+            self._finish_level(trainer, pl_module)
+            self._print_table()
+        elif trainer.current_epoch < self.total_epochs:
+            rank_zero_warn(
+                f"IMP stopped at epoch {trainer.current_epoch} of {self.total_epochs} (level {self.level} of "
+                f"{self.levels}); resume with trainer.fit(..., ckpt_path=...) to finish the remaining levels."
+            )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._enforcer is not None:
+            self._enforcer.detach()
+            self._enforcer = None
+
+    # ------------------------------------------------------------------ the level cycle
+    def _rewind_due(self, trainer: L.Trainer) -> bool:
+        if self.rewind_unit == "ep":
+            return trainer.current_epoch >= self.rewind_amount
+        return trainer.global_step >= self.rewind_amount
+
+    def _maybe_capture_rewind(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                              at_level_end: bool = False) -> None:
+        if self._rewind is not None or not (at_level_end or self._rewind_due(trainer)):
+            return
+        self._rewind = {
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "model": _cpu_clone(pl_module.state_dict()),
+            "optimizers": [_cpu_clone(opt.state_dict()) for opt in trainer.optimizers],
+            "schedulers": [_cpu_clone(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
+        }
+
+    @torch.no_grad()
+    def _finish_level(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the sparse checkpoint of the level just trained, log it, record it."""
+        for name, w in self._weights.items():  # belt and braces: an exotic optimizer may have regrown zeros
+            m = self.masks[name].to(w.device)
+            if bool((w[~m] != 0).any()):
+                rank_zero_warn(f"pruned entries of {name} were non-zero at the end of level {self.level}; re-zeroed")
+                w.mul_(m.to(w.dtype))
+        surviving, prunable = count_surviving(self.masks)
+        seconds = self._level_seconds_before_resume + (
+            time.perf_counter() - self._level_started_at if self._level_started_at is not None else 0.0)
+        row = {
+            "level": self.level,
+            "sparsity": 1.0 - surviving / prunable,
+            "target_sparsity": self.target_sparsity(self.level),
+            "surviving": surviving,
+            "prunable": prunable,
+            "metrics": dict(self._last_val_metrics),
+            "seconds": seconds,
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "mask_sha256": mask_digest(self.masks),
+            "path": str(self.checkpoint_dir / f"level_{self.level:02d}.ckpt"),
+        }
+        self._write_level_checkpoint(trainer, row)
+        self.history.append(row)
+        log = {"imp/level": float(self.level), "imp/sparsity": row["sparsity"],
+               "imp/surviving_params": float(surviving)}
+        log.update({f"imp/{k}": v for k, v in row["metrics"].items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(log, step=trainer.global_step)
+        if self.verbose:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items())
+            rank_zero_info(
+                f"IMP level {self.level}/{self.levels}: sparsity {row['sparsity']:.2%}, {surviving:,} of "
+                f"{prunable:,} weights left{', ' + shown if shown else ''} ({seconds:.1f} s) -> {row['path']}"
+            )
+
+    def _write_level_checkpoint(self, trainer: L.Trainer, row: dict[str, Any]) -> None:
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": 1,
+            "level": self.level,
+            "levels": self.levels,
+            "prune_fraction": self.prune_fraction,
+            "sparsity": row["sparsity"],
+            "target_sparsity": row["target_sparsity"],
+            "surviving": row["surviving"],
+            "prunable": row["prunable"],
+            "masks": {k: v.cpu().clone() for k, v in self.masks.items()},
+            "mask_sha256": row["mask_sha256"],
+            "metrics": row["metrics"],
+            "epoch": row["epoch"],
+            "global_step": row["global_step"],
+        }
+        if trainer.is_global_zero:
+            _atomic_torch_save(checkpoint, Path(row["path"]))
+        trainer.strategy.barrier("dnnshifter.level_checkpoint")
+
+    @torch.no_grad()
+    def _start_next_level(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Prune, rewind weights/buffers and optimizer/scheduler state, and start level + 1."""
+        assert self._rewind is not None and self._enforcer is not None
+        new_masks = prune_step({n: w.detach() for n, w in self._weights.items()}, self.masks,
+                               self.prune_fraction, self.layer_prune_fractions)
+        new_masks = {k: v.cpu() for k, v in new_masks.items()}
+        # Identical weights give identical masks on every rank; broadcasting rank 0's makes it certain.
+        self.masks = trainer.strategy.broadcast(new_masks, src=0)
+        pl_module.load_state_dict(self._rewind["model"], strict=True)
+        for opt, state in zip(trainer.optimizers, self._rewind["optimizers"]):
+            opt.load_state_dict(copy.deepcopy(state))
+        for cfg, state in zip(trainer.lr_scheduler_configs, self._rewind["schedulers"]):
+            cfg.scheduler.load_state_dict(copy.deepcopy(state))
+        self._enforcer.set_masks(self.masks)  # zeroes the newly pruned (rewound) weights
+        for opt in trainer.optimizers:
+            self._enforcer.zero_optimizer_state(opt)
+        self.level += 1
+        self._level_started_at = time.perf_counter()
+        self._level_seconds_before_resume = 0.0
+
+    # ------------------------------------------------------------------ output
+    @rank_zero_only
+    def _print_table(self) -> None:
+        if not self.verbose or not self.history:
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        metric_names = sorted({k for row in self.history for k in row["metrics"]})
+        table = Table(title=f"Iterative Magnitude Pruning: {self.levels + 1} levels at {self.prune_fraction:.0%}")
+        for col in ["level", "sparsity", "weights left", *metric_names, "time (s)", "checkpoint"]:
+            table.add_column(col, justify="left" if col == "checkpoint" else "right")
+        for row in self.history:
+            table.add_row(
+                str(row["level"]), f"{row['sparsity']:.2%}", f"{row['surviving']:,}",
+                *[f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "-" for m in metric_names],
+                f"{row['seconds']:.1f}", Path(row["path"]).name,
+            )
+        Console().print(table)
