@@ -4,45 +4,52 @@ The policy is pure Python (no torch) with an injected clock, so it is unit-teste
 arrivals. The serving handler feeds it one observation per served batch and asks it which variant
 to use for the next batch.
 
-The signal
-----------
+The signals
+-----------
 Each observation is ``(batch_size, service_seconds, queue_delay_seconds)`` plus the variant that
-served it. From these the policy keeps, over sliding windows:
+served it. Over sliding windows the policy derives:
 
 * **occupancy**: the fraction of wall time the worker was busy. Busy time is the batches' service
-  time, plus every gap between two batches shorter than ``backlog_gap_ms``: a batch that starts
-  right after the previous one ended was already waiting, so that gap is framework overhead under
-  a backlog, not idle time. A saturated worker reads close to 1.0 even when the model itself is
-  only part of the per-batch cost.
-* **predicted occupancy of every variant**: the same batches priced with each variant's latency
-  profile (measured on the serving machine, interpolated over batch size), scaled by a calibration
-  factor (EWMA of observed / profiled service time, so the profile may come from a quiet start).
-  Batches of pinned requests are priced at their observed cost: the choice cannot change them.
-* optionally the queueing delay the handler observed, and the latency percentile for an SLO.
+  time plus every gap between two batches shorter than ``backlog_gap_ms``: a batch that starts right
+  after the previous one ended was already waiting, so that gap is framework overhead under a
+  backlog, not idle time. A saturated worker reads about 1.0 even when the model is only part of
+  the per-batch cost.
+* **batch fill**: mean batch size over the largest batch the server forms (``max_batch_size``).
+  A batching server near its capacity forms full batches; one that keeps up forms small ones even
+  when it is busy most of the time.
+* **load factor of every variant**: the requests served in the window priced at that variant's
+  full-batch cost (its latency profile, measured on the serving machine, at ``max_batch_size``,
+  scaled by a calibration factor: an EWMA of observed over profiled service time), plus the time
+  the choice cannot change (backlog gaps, batches of pinned requests), over the window. 1.0 means
+  the variant would need all of its capacity.
+* optionally the **queueing delay** the handler observed, and a percentile of the active
+  variant's **service time** per batch for an SLO.
 
 The rules
 ---------
-* **Step down** when the active variant is saturated (occupancy since the last switch, over at
-  most ``short_window_s``, reaches ``high_utilisation``), the median queue delay exceeds
-  ``queue_delay_high_ms``, or its ``slo_percentile`` latency exceeds ``slo_ms``. It goes to the most
-  accurate cheaper variant whose predicted occupancy is at most ``target_utilisation`` (and meets
-  the SLO), or the cheapest one. At most one switch per ``min_dwell_s``.
-* **Step up** to the most accurate variant whose predicted occupancy over the last
-  ``long_window_s`` is at most ``low_utilisation`` (and whose predicted latency is within
-  ``slo_headroom * slo_ms``), once ``up_dwell_s`` have passed since the last switch.
+* **Step down** when the active variant is *saturated* (occupancy since the last switch, over at
+  most ``short_window_s``, is at least ``high_utilisation`` and batch fill at least
+  ``saturation_fill``), when the median queue delay exceeds ``queue_delay_high_ms``, or when its
+  ``slo_percentile`` service time exceeds ``slo_ms``. Not while the queue delay is falling: the
+  variant is then draining a backlog, not falling behind. It moves to the most accurate cheaper
+  variant whose load factor is at most ``target_utilisation`` (and that meets the SLO), else the
+  cheapest. At most one switch per ``min_dwell_s``.
+* **Step up** to the most accurate variant whose load factor over the last ``long_window_s`` is at
+  most ``low_utilisation`` (and whose predicted service time is within ``slo_headroom * slo_ms``),
+  once ``up_dwell_s`` have passed since the last switch.
 
-The gap between ``low_utilisation`` and ``high_utilisation``, the longer window for climbing and the
+The band between ``low_utilisation`` and ``high_utilisation``, the longer window for climbing and the
 dwell times are the hysteresis that stops flapping. With the defaults, a burst that saturates the
-active variant is answered within about ``min_dwell_s`` to ``short_window_s`` (well under 2 s), and
-the policy is back on the most accurate variant about ``long_window_s`` after load turns light.
+active variant is answered in ``min_dwell_s`` to ``short_window_s`` (well under 2 s), and the policy
+is back on the most accurate variant about ``long_window_s`` after load turns light.
 
 Example::
 
     >>> from dnnshifter_lightning.policy import LoadPolicy, PolicyConfig
     >>> now = [0.0]
     >>> profiles = {"big": {1: 0.004, 8: 0.020}, "small": {1: 0.001, 8: 0.004}}
-    >>> policy = LoadPolicy(["big", "small"], profiles, clock=lambda: now[0])
-    >>> for i in range(50):             # back-to-back batches of 8 for a second: 'big' is saturated
+    >>> policy = LoadPolicy(["big", "small"], profiles, clock=lambda: now[0], max_batch_size=8)
+    >>> for i in range(50):             # back-to-back full batches for a second: 'big' is saturated
     ...     now[0] = 0.02 * (i + 1)
     ...     policy.observe(8, 0.020)
     >>> policy.choose().variant_id
@@ -79,9 +86,10 @@ class PolicyConfig:
     low_utilisation: float = 0.5  #: step up to a variant predicted to be at most this busy
     min_dwell_s: float = 0.5  #: no switch at all within this time of the previous one
     up_dwell_s: float = 2.0  #: no step up within this time of the previous switch
+    saturation_fill: float = 0.75  #: ... and batches at least this full (of max_batch_size)
     backlog_gap_ms: float = 5.0  #: a gap between batches shorter than this counts as busy
     queue_delay_high_ms: float | None = None  #: step down when the median queue delay exceeds this
-    slo_ms: float | None = None  #: latency objective for one batch (service + queue delay)
+    slo_ms: float | None = None  #: objective for the service time of one batch (queueing: queue_delay_high_ms)
     slo_percentile: float = 95.0  #: which percentile of latency the SLO bounds
     slo_headroom: float = 0.8  #: step up only to a variant predicted within this fraction of the SLO
     calibration_alpha: float = 0.1  #: EWMA weight of each batch in the observed/profiled ratio
@@ -104,6 +112,8 @@ class PolicyConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 problems.append(f"{name} must be > 0 or null (got {value!r})")
+        if not 0 < self.saturation_fill <= 1:
+            problems.append(f"saturation_fill must be in (0, 1] (got {self.saturation_fill!r})")
         if not 0 < self.slo_percentile <= 100:
             problems.append(f"slo_percentile must be in (0, 100] (got {self.slo_percentile!r})")
         if not 0 < self.slo_headroom <= 1:
@@ -197,22 +207,24 @@ def profiles_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[int, f
 @dataclass
 class _Summary:
     span: float
-    n: int
     busy: float
-    sizes: dict[int, int]  # batch size -> count, unpinned batches
+    requests: int  # unpinned requests
+    batches: int
+    fill: int  # requests in all batches, pinned ones included
     extra: float  # time the variant choice does not change: backlog gaps, pinned batches
-    own: list[tuple[int, float]]  # (size, queue delay) of unpinned batches
+    own: list[int]  # sizes of unpinned batches
+    delays: list[float]  # queue delays, oldest first
 
 
 @dataclass
 class _Batch:
     end: float
-    size: int
-    service: float
-    busy: float  # service + backlog gap before it
+    size: int  # the whole batch the server formed
+    busy: float  # its service time + the backlog gap before it
+    own_size: int  # requests the policy's choice served (not pinned)
+    own_service: float
     queue_delay: float | None
     variant: str
-    pinned: bool
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -231,6 +243,8 @@ class LoadPolicy:
         clock: returns seconds (monotonic); injected for tests.
         config: thresholds, see :class:`PolicyConfig`.
         initial: the variant active at start (default: the most accurate one that meets the SLO).
+        max_batch_size: the largest batch the server forms (TorchServe ``batchSize``); default: the
+            largest batch observed so far.
 
     Example::
 
@@ -241,19 +255,23 @@ class LoadPolicy:
 
     def __init__(self, variant_ids: Sequence[str], profiles: Mapping[str, Mapping[Any, float]], *,
                  clock: Callable[[], float] = time.monotonic, config: PolicyConfig | None = None,
-                 initial: str | None = None) -> None:
+                 initial: str | None = None, max_batch_size: int | None = None) -> None:
         self.variant_ids = list(variant_ids)
         if not self.variant_ids or len(set(self.variant_ids)) != len(self.variant_ids):
             raise ValueError(f"variant_ids must be non-empty and unique, got {self.variant_ids}")
         missing = [v for v in self.variant_ids if v not in profiles]
         if missing:
             raise ValueError(f"no latency profile for variant(s) {missing}")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.profiles = {v: LatencyProfile(profiles[v]) for v in self.variant_ids}
         self.config = config or PolicyConfig()
         for name, vid in (("fixed_variant", self.config.fixed_variant), ("initial", initial)):
             if vid is not None and vid not in self.variant_ids:
                 raise ValueError(f"{name} {vid!r} is not a variant of this portfolio {self.variant_ids}")
         self.clock = clock
+        self.max_batch_size = max_batch_size
+        self._largest_seen = 1
         self._batches: deque[_Batch] = deque()
         self._last_end: float | None = None
         self.calibration = 1.0
@@ -273,31 +291,37 @@ class LoadPolicy:
 
     # -- inputs ---------------------------------------------------------------------------------
     def observe(self, batch_size: int, service_seconds: float, queue_delay_seconds: float | None = None, *,
-                variant_id: str | None = None, pinned: bool = False) -> None:
-        """Record one served batch. Call it when the batch finishes (the clock is read now).
+                variant_id: str | None = None, pinned_requests: int = 0, pinned_seconds: float = 0.0) -> None:
+        """Record one batch the server formed. Call it when the batch finishes (the clock is read now).
 
-        ``service_seconds`` is the worker time for the batch (preprocess to postprocess).
-        ``variant_id`` defaults to the policy's active variant. Batches of requests that pinned a
-        variant pass ``pinned=True``: they count as load, but not as evidence about the active variant.
+        ``service_seconds`` is the worker time for the whole batch (preprocess to postprocess);
+        ``queue_delay_seconds`` the mean time its requests waited before it started, if known.
+        ``variant_id`` (default: the policy's active variant) served the requests that did not pin
+        one. Of the batch, ``pinned_requests`` pinned a variant and took ``pinned_seconds`` to serve:
+        they count as load, but not as evidence about the chosen variant.
         """
-        if batch_size < 1 or not service_seconds >= 0:
-            raise ValueError(f"bad observation: batch_size={batch_size}, service_seconds={service_seconds}")
+        if batch_size < 1 or not service_seconds >= 0 or not 0 <= pinned_requests <= batch_size \
+                or not 0 <= pinned_seconds <= service_seconds + 1e-9:
+            raise ValueError(f"bad observation: batch_size={batch_size}, service_seconds={service_seconds}, "
+                             f"pinned_requests={pinned_requests}, pinned_seconds={pinned_seconds}")
         now = self.clock()
         vid = self.active_id if variant_id is None else variant_id
         if vid not in self.profiles:
             raise ValueError(f"unknown variant {vid!r}")
+        own_size = int(batch_size) - int(pinned_requests)
+        own_service = max(0.0, service_seconds - pinned_seconds) if own_size else 0.0
         busy = service_seconds
         if self._last_end is not None:
             gap = now - service_seconds - self._last_end
             if 0 < gap < self.config.backlog_gap_ms / 1000.0:
                 busy += gap
         self._last_end = now
-        self._batches.append(_Batch(now, int(batch_size), float(service_seconds), busy, queue_delay_seconds,
-                                    vid, pinned))
-        predicted = self.profiles[vid].seconds(batch_size)
-        ratio = min(max(service_seconds / predicted, 0.05), 20.0)
-        a = self.config.calibration_alpha
-        self.calibration = (1 - a) * self.calibration + a * ratio
+        self._largest_seen = max(self._largest_seen, int(batch_size))
+        self._batches.append(_Batch(now, int(batch_size), busy, own_size, own_service, queue_delay_seconds, vid))
+        if own_size:
+            ratio = min(max(own_service / self.profiles[vid].seconds(own_size), 0.05), 20.0)
+            a = self.config.calibration_alpha
+            self.calibration = (1 - a) * self.calibration + a * ratio
         horizon = now - max(self.config.long_window_s, self.config.short_window_s)
         while self._batches and self._batches[0].end < horizon:
             self._batches.popleft()
@@ -310,65 +334,68 @@ class LoadPolicy:
         self._cached = None
 
     # -- signals --------------------------------------------------------------------------------
-    def _summary(self, since: float, span: float) -> _Summary:
-        sizes: dict[int, int] = {}
-        own: list[tuple[int, float]] = []
-        extra = busy = 0.0
-        n = 0
-        for b in reversed(self._batches):
-            if b.end <= since:
-                break
-            n += 1
-            busy += b.busy
-            if b.pinned:
-                extra += b.busy
-            else:
-                extra += b.busy - b.service
-                sizes[b.size] = sizes.get(b.size, 0) + 1
-                own.append((b.size, b.queue_delay or 0.0))
-        return _Summary(span, n, busy, sizes, extra, own)
+    @property
+    def batch_limit(self) -> int:
+        return self.max_batch_size or self._largest_seen
 
-    def predicted_occupancy(self, vid: str, summary: _Summary) -> float:
-        """Fraction of the window the worker would have been busy had ``vid`` served its batches."""
-        profile = self.profiles[vid]
-        model = sum(count * profile.seconds(size) for size, count in summary.sizes.items())
-        return (self.calibration * model + summary.extra) / summary.span
+    def _summary(self, since: float, span: float) -> _Summary:
+        out = _Summary(span, 0.0, 0, 0, 0, 0.0, [], [])
+        for b in self._batches:
+            if b.end <= since:
+                continue
+            out.busy += b.busy
+            out.batches += 1
+            out.fill += b.size
+            out.extra += b.busy - b.own_service
+            if b.queue_delay is not None:
+                out.delays.append(b.queue_delay)
+            if b.own_size:
+                out.requests += b.own_size
+                out.own.append(b.own_size)
+        return out
+
+    def load_factor(self, vid: str, summary: _Summary) -> float:
+        """Share of ``vid``'s capacity (at full batches) the load in ``summary`` would need."""
+        limit = self.batch_limit
+        per_request = self.calibration * self.profiles[vid].seconds(limit) / limit
+        return (summary.requests * per_request + summary.extra) / summary.span
 
     def _meets_slo(self, vid: str, summary: _Summary | None, headroom: float) -> bool:
         slo = self.config.slo_ms
         if slo is None:
             return True
         profile = self.profiles[vid]
-        if summary is not None and summary.own:
-            lat = [self.calibration * profile.seconds(size) + delay for size, delay in summary.own]
-            predicted = _percentile(lat, self.config.slo_percentile)
-        else:
-            predicted = self.calibration * profile.seconds(1)
+        sizes = summary.own if summary is not None and summary.own else [1]
+        predicted = _percentile([self.calibration * profile.seconds(size) for size in sizes],
+                                self.config.slo_percentile)
         return predicted * 1000.0 <= slo * headroom
 
-    def _short_since(self, now: float) -> float:
-        return max(now - self.config.short_window_s, self._last_switch)
+    def _short(self, now: float) -> _Summary:
+        since = max(now - self.config.short_window_s, self._last_switch)
+        return self._summary(since, max(now - since, 1e-9))
 
     def signals(self) -> dict[str, float]:
         """The current load signals (for logs and metrics)."""
         now = self.clock()
-        since = self._short_since(now)
-        short = self._summary(since, max(now - since, 1e-9))
+        short = self._short(now)
         longw = self._summary(now - self.config.long_window_s, self.config.long_window_s)
-        requests = sum(size * count for size, count in longw.sizes.items())
         out = {
             "occupancy": short.busy / short.span,
-            "arrival_rate": requests / longw.span,
-            "mean_batch": requests / max(1, len(longw.own)),
+            "batch_fill": (short.fill / short.batches / self.batch_limit) if short.batches else 0.0,
+            "arrival_rate": longw.requests / longw.span,
+            "load_factor": self.load_factor(self.active_id, longw),
             "calibration": self.calibration,
         }
-        delays = [b.queue_delay for b in self._batches if b.end > since and b.queue_delay is not None]
-        if delays:
-            out["queue_delay_ms"] = 1000.0 * _percentile(delays, 50)
-        own = [b.service + (b.queue_delay or 0.0) for b in self._batches
-               if b.end > since and b.variant == self.active_id and not b.pinned]
+        if short.delays:
+            out["queue_delay_ms"] = 1000.0 * _percentile(short.delays, 50)
+            half = len(short.delays) // 2
+            if half >= 3:
+                first, second = short.delays[:half], short.delays[half:]
+                out["draining"] = float(sum(second) / len(second) < 0.95 * sum(first) / len(first))
+        own = [b.own_service for b in self._batches
+               if b.end > now - short.span and b.variant == self.active_id and b.own_size]
         if own:
-            out["latency_ms_p"] = 1000.0 * _percentile(own, self.config.slo_percentile)
+            out["service_ms_p"] = 1000.0 * _percentile(own, self.config.slo_percentile)
         return out
 
     # -- decision -------------------------------------------------------------------------------
@@ -385,6 +412,20 @@ class LoadPolicy:
         self._cached = dataclasses.replace(decision, switched=False)
         return decision
 
+    def _pressure(self, sig: dict[str, float]) -> str | None:
+        cfg = self.config
+        if cfg.slo_ms is not None and sig.get("service_ms_p", 0.0) > cfg.slo_ms:
+            return f"SLO: p{cfg.slo_percentile:g} service time {sig['service_ms_p']:.1f} ms > {cfg.slo_ms:g} ms"
+        if sig.get("draining"):
+            return None
+        fill_ok = self.batch_limit == 1 or sig["batch_fill"] >= cfg.saturation_fill
+        if sig["occupancy"] >= cfg.high_utilisation and fill_ok:
+            return (f"saturated: occupancy {sig['occupancy']:.2f} >= {cfg.high_utilisation:g}, "
+                    f"batch fill {sig['batch_fill']:.2f}")
+        if cfg.queue_delay_high_ms is not None and sig.get("queue_delay_ms", 0.0) > cfg.queue_delay_high_ms:
+            return f"queue delay {sig['queue_delay_ms']:.1f} ms > {cfg.queue_delay_high_ms:g} ms"
+        return None
+
     def _evaluate(self, now: float) -> Decision:
         cfg = self.config
         sig = self.signals()
@@ -393,24 +434,17 @@ class LoadPolicy:
 
         pressure = None
         if since_switch >= max(cfg.min_dwell_s, 0.2 * cfg.short_window_s):
-            if sig["occupancy"] >= cfg.high_utilisation:
-                pressure = f"saturated: occupancy {sig['occupancy']:.2f} >= {cfg.high_utilisation:g}"
-            elif cfg.queue_delay_high_ms is not None and sig.get("queue_delay_ms", 0.0) > cfg.queue_delay_high_ms:
-                pressure = f"queue delay {sig['queue_delay_ms']:.1f} ms > {cfg.queue_delay_high_ms:g} ms"
-            elif cfg.slo_ms is not None and sig.get("latency_ms_p", 0.0) > cfg.slo_ms:
-                pressure = (f"SLO: p{cfg.slo_percentile:g} latency {sig['latency_ms_p']:.1f} ms "
-                            f"> {cfg.slo_ms:g} ms")
+            pressure = self._pressure(sig)
         if pressure is not None:
-            since = self._short_since(now)
-            short = self._summary(since, max(now - since, 1e-9))
+            short = self._short(now)
             cheaper = self.variant_ids[active_idx + 1:]
-            occ = {v: self.predicted_occupancy(v, short) for v in [self.active_id, *cheaper]}
-            fits = [v for v in cheaper if occ[v] <= cfg.target_utilisation and self._meets_slo(v, short, 1.0)]
+            lf = {v: self.load_factor(v, short) for v in [self.active_id, *cheaper]}
+            fits = [v for v in cheaper if lf[v] <= cfg.target_utilisation and self._meets_slo(v, short, 1.0)]
             if fits:
-                return self._decide(fits[0], f"{pressure}; {fits[0]} predicted {occ[fits[0]]:.2f}", sig)
+                return self._decide(fits[0], f"{pressure}; {fits[0]} load factor {lf[fits[0]]:.2f}", sig)
             if cheaper:
-                fastest = min(cheaper, key=occ.__getitem__)
-                if occ[fastest] < occ[self.active_id]:
+                fastest = min(cheaper, key=lf.__getitem__)
+                if lf[fastest] < lf[self.active_id]:
                     return self._decide(fastest, f"{pressure}; no variant fits, cheapest", sig)
             return self._decide(self.active_id, pressure + "; already cheapest", sig, keep=True)
 
@@ -419,9 +453,9 @@ class LoadPolicy:
             if delay_ok:
                 longw = self._summary(now - cfg.long_window_s, cfg.long_window_s)
                 for vid in self.variant_ids[:active_idx]:
-                    occ_up = self.predicted_occupancy(vid, longw)
-                    if occ_up <= cfg.low_utilisation and self._meets_slo(vid, longw, cfg.slo_headroom):
-                        return self._decide(vid, f"light load: {vid} predicted occupancy {occ_up:.2f} <= "
+                    lf_up = self.load_factor(vid, longw)
+                    if lf_up <= cfg.low_utilisation and self._meets_slo(vid, longw, cfg.slo_headroom):
+                        return self._decide(vid, f"light load: {vid} load factor {lf_up:.2f} <= "
                                                  f"{cfg.low_utilisation:g}", sig)
         return self._decide(self.active_id, self._last_reason, sig, keep=True)
 
