@@ -142,7 +142,7 @@ def build_portfolio(
     the accuracies are recorded as null. Latency is measured on ``latency_threads`` threads
     (``None`` keeps the current setting).
     """
-    console = console or Console()
+    console = console or Console(width=None if Console().is_terminal else 160)
     out = Path(out_dir)
     (out / "variants").mkdir(parents=True, exist_ok=True)
     paths = _level_checkpoints(checkpoints)
@@ -241,7 +241,7 @@ def portfolio_table(manifest: dict[str, Any], title: str = "portfolio") -> Table
     for col, just in [("variant", "left"), ("sparsity", "right"), ("accuracy", "right"), ("sparse acc", "right"),
                       ("params", "right"), ("x smaller", "right"), ("MACs", "right"), ("file KiB", "right"),
                       ("ms @1", "right"), ("ms @8", "right"), ("x faster @1", "right"), ("max |diff|", "right")]:
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
+        table.add_column(col, justify=just, no_wrap=col == "variant")  # type: ignore[arg-type]
     for v in manifest["variants"]:
         sp = v.get("sparse") or {}
         ratio = f"{sp['params'] / v['params']:.2f}" if sp.get("params") and v["params"] else "-"
@@ -335,7 +335,7 @@ def portfolio_build_command(ckpt_dir: Path, model: str, out: Path, datamodule: s
         dm.prepare_data()
         dm.setup("validate")
         loader = dm.val_dataloader()
-    elif is_overridden("val_dataloader", module_cls):
+    elif is_overridden("val_dataloader", module_cls, parent=L.LightningModule):
         first = module_cls.load_from_checkpoint(paths[0], map_location="cpu", strict=True)
         loader = first.val_dataloader()
     else:
@@ -350,7 +350,7 @@ def portfolio_build_command(ckpt_dir: Path, model: str, out: Path, datamodule: s
 def portfolio_show_command(dir: Path) -> dict[str, Any]:  # noqa: A002 - the CLI argument's name
     """``dnnshifter portfolio show DIR``: verify every file's sha256 and print the table."""
     manifest = verify_portfolio(dir)
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 160)  # pipes and logs get the full table
     console.print(portfolio_table(manifest, title=f"portfolio {dir} ({len(manifest['variants'])} variants, sha256 ok)"))
     spec = manifest["input_spec"]
     console.print(f"input: shape {spec['shape']} {spec['dtype']}; built {manifest.get('created', '?')} "
