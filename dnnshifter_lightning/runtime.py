@@ -1,0 +1,420 @@
+"""PortfolioRuntime: every variant of a portfolio at hand, one inflated, switched in milliseconds.
+
+At start the runtime verifies the sha256 of every file, loads each variant once, and splits it into
+a *skeleton* (the ``GraphModule`` with ``meta`` tensors: its code, no weight memory) and its weights,
+packed into one flat, aligned byte buffer that is kept zstd-compressed in memory. A switch then costs
+what the paper's floor is, decompressing that variant's weight bytes: straight into a fresh buffer,
+whose slices become the skeleton's parameters as views. No graph is parsed on a switch.
+
+Safety:
+
+* a request grabs the active variant under a lock and finishes on it; the switch swaps the
+  reference only after the new variant is fully inflated, and an old variant's weights are released
+  only when its last request is done;
+* a failed inflate (e.g. a corrupt in-memory blob; every zstd frame carries a checksum) leaves the
+  previous variant active, logs why, records it in ``switch_log`` and raises :class:`SwitchError`;
+* a corrupt or tampered portfolio is refused at start with a :class:`PortfolioError` naming the file.
+
+Memory: compressed blobs + the active variant + an optional LRU cache of recently used inflated
+variants, kept under ``memory_budget_mb`` (the budget bounds the total). See :meth:`resident_bytes`.
+
+Example::
+
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from dnnshifter_lightning.models import DigitsCNN
+    >>> from dnnshifter_lightning.portfolio import save_variant, write_manifest
+    >>> from dnnshifter_lightning.runtime import PortfolioRuntime
+    >>> d = Path(tempfile.mkdtemp())
+    >>> variants = []
+    >>> for i, width in enumerate((16, 8)):
+    ...     info = save_variant(DigitsCNN(width=width).eval(), torch.zeros(2, 1, 8, 8), d / f"w{width}.pt2.zst")
+    ...     variants.append({"id": f"w{width}", "level": i, "sparsity": 0.0, "params": 0, "nonzero_params": 0,
+    ...         "macs": 0, "latency_ms": {"1": 1.0, "8": 2.0}, "accuracy": None, "sparse_accuracy": None,
+    ...         "max_abs_diff": None, **info})
+    >>> _ = write_manifest(d, {"format_version": 1, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
+    ...                        "variants": variants})
+    >>> rt = PortfolioRuntime(d, profile_batch_sizes=None)
+    >>> rt.active_id, rt(torch.zeros(3, 1, 8, 8)).shape
+    ('w16', torch.Size([3, 10]))
+    >>> rt.switch_to("w8").to_id
+    'w8'
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import statistics
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import zstandard
+from torch import nn
+
+from .policy import profiles_from_manifest
+from .portfolio import PortfolioError, load_variant, variant_state, verify_portfolio
+
+__all__ = ["PortfolioRuntime", "SwitchRecord", "SwitchError", "PortfolioError"]
+
+logger = logging.getLogger(__name__)
+
+_ALIGN = 64  # byte alignment of every tensor in the flat buffer (dtype views need it; SIMD likes it)
+
+
+class SwitchError(RuntimeError):
+    """A switch failed; the previous variant is still active."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchRecord:
+    """One entry of :attr:`PortfolioRuntime.switch_log`."""
+
+    from_id: str
+    to_id: str
+    time: float  #: wall clock (``time.time()``) when the switch finished
+    seconds: float  #: how long the switch took (inflate + swap)
+    reason: str
+    ok: bool = True
+    error: str | None = None
+    cached: bool = False  #: the target was already inflated (cache hit)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    owner: nn.Module
+    attr: str
+    is_param: bool
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+    nbytes: int
+
+
+class _Codec:
+    """zstd (default) or zlib/DEFLATE (the paper's choice, kept for comparison)."""
+
+    def __init__(self, name: str, level: int | None) -> None:
+        if name not in ("zstd", "zlib"):
+            raise ValueError(f"codec must be 'zstd' or 'zlib', got {name!r}")
+        self.name = name
+        self.level = level if level is not None else (3 if name == "zstd" else 6)
+
+    def compress(self, data: memoryview) -> bytes:
+        if self.name == "zlib":
+            return zlib.compress(data, self.level)
+        return zstandard.ZstdCompressor(level=self.level, write_checksum=True, write_content_size=True).compress(data)
+
+    def decompress_into(self, blob: bytes, out: torch.Tensor) -> None:
+        view = memoryview(out.numpy())
+        size = len(view)
+        if self.name == "zlib":
+            data = zlib.decompress(blob, bufsize=size)
+            if len(data) != size:
+                raise ValueError(f"inflated {len(data)} bytes, expected {size}")
+            view[:] = data
+            return
+        filled = 0
+        with zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=False) as reader:
+            while filled < size:
+                n = reader.readinto(view[filled:])
+                if n == 0:
+                    break
+                filled += n
+            if filled != size or reader.read(1):
+                raise ValueError(f"inflated {filled}+ bytes, expected exactly {size}")
+
+
+class _Variant:
+    """One portfolio entry: its skeleton, weight layout, compressed weights and inflate state."""
+
+    def __init__(self, info: dict[str, Any], module: nn.Module, codec: _Codec) -> None:
+        self.id: str = info["id"]
+        self.info = info
+        self.module = module
+        specs, offset = [], 0
+        state = variant_state(module)
+        for name, tensor in state.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            nbytes = tensor.numel() * tensor.element_size()
+            specs.append(_Spec(owner, attr, attr in owner._parameters, tuple(tensor.shape), tensor.dtype, offset, nbytes))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        self.specs = specs
+        self.nbytes = offset
+        flat = torch.zeros(max(offset, 1), dtype=torch.uint8)[:offset]
+        for spec, tensor in zip(specs, state.values()):
+            flat[spec.offset:spec.offset + spec.nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+        self.blob = codec.compress(memoryview(flat.numpy()))
+        self.buffer: torch.Tensor | None = flat  # weights are live while a buffer is held
+        self._assign(flat)
+        self.users = 0
+        self.release_pending = False
+
+    @property
+    def live(self) -> bool:
+        return self.buffer is not None
+
+    def _assign(self, flat: torch.Tensor) -> None:
+        for s in self.specs:
+            tensor = flat[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+            if s.is_param:
+                s.owner._parameters[s.attr] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                s.owner._buffers[s.attr] = tensor
+
+    def inflate(self, codec: _Codec) -> None:
+        flat = torch.empty(max(self.nbytes, 1), dtype=torch.uint8)[:self.nbytes]
+        codec.decompress_into(self.blob, flat)
+        self._assign(flat)
+        self.buffer = flat
+
+    def release(self) -> None:
+        for s in self.specs:
+            meta = torch.empty(s.shape, dtype=s.dtype, device="meta")
+            if s.is_param:
+                s.owner._parameters[s.attr] = nn.Parameter(meta, requires_grad=False)
+            else:
+                s.owner._buffers[s.attr] = meta
+        self.buffer = None
+        self.release_pending = False
+
+
+class PortfolioRuntime:
+    """Serve a portfolio: one active variant inflated, the others zstd-compressed in memory.
+
+    Args:
+        path: portfolio directory (``manifest.json`` + variant files).
+        memory_budget_mb: cap on :meth:`resident_bytes`; variants used recently stay inflated in an
+            LRU cache while the total fits. ``None`` (default): no cache, only the active variant.
+        initial: the variant active at start (default: the most accurate).
+        profile_batch_sizes: batch sizes to time every variant at on this machine at start
+            (:meth:`measure_profiles`); ``None`` uses the manifest's build-time ``latency_ms``.
+        codec: ``"zstd"`` (default) or ``"zlib"`` (DEFLATE, for comparison with the paper).
+        compression_level: codec level (zstd 3, zlib 6 by default).
+
+    Thread-safe: requests may run concurrently with each other and with :meth:`switch_to`.
+    """
+
+    def __init__(self, path: str | Path, *, memory_budget_mb: float | None = None, initial: str | None = None,
+                 profile_batch_sizes: Sequence[int] | None = (1, 8), codec: str = "zstd",
+                 compression_level: int | None = None) -> None:
+        self.path = Path(path)
+        self._codec = _Codec(codec, compression_level)
+        self.manifest: dict[str, Any] = verify_portfolio(self.path)  # sha256 of every file, names the bad one
+        self.variant_ids: list[str] = [v["id"] for v in self.manifest["variants"]]
+        if initial is not None and initial not in self.variant_ids:
+            raise ValueError(f"initial variant {initial!r} is not in this portfolio {self.variant_ids}")
+        if memory_budget_mb is not None and not memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be > 0 or None, got {memory_budget_mb!r}")
+        self.memory_budget_bytes = None if memory_budget_mb is None else int(memory_budget_mb * 2**20)
+        self._variants: dict[str, _Variant] = {}
+        started = time.perf_counter()
+        for info in self.manifest["variants"]:
+            module = load_variant(self.path / info["file"], sha256=info["sha256"])
+            variant = _Variant(info, module, self._codec)
+            self._variants[variant.id] = variant
+            if variant.id != (initial or self.variant_ids[0]):
+                variant.release()
+        self._lock = threading.Lock()  # guards the active pointer, users, live state and the cache
+        self._switch_lock = threading.RLock()  # one inflate at a time
+        self._active = self._variants[initial or self.variant_ids[0]]
+        self._cache: collections.OrderedDict[str, None] = collections.OrderedDict()  # inactive, inflated
+        self.switch_log: collections.deque[SwitchRecord] = collections.deque(maxlen=10_000)
+        logger.info("portfolio %s: %d variants loaded in %.2fs, %s active, %.2f MB resident",
+                    self.path, len(self.variant_ids), time.perf_counter() - started, self._active.id,
+                    self.resident_bytes() / 2**20)
+        self.profiles: dict[str, dict[int, float]] = profiles_from_manifest(self.manifest)
+        if profile_batch_sizes:
+            self.measure_profiles(profile_batch_sizes)
+
+    # ------------------------------------------------------------------------------- inference
+    @property
+    def active_id(self) -> str:
+        return self._active.id
+
+    @contextlib.contextmanager
+    def _hold(self, variant_id: str | None) -> Iterator[_Variant]:
+        """Pin a live variant for the duration of one request (inflating a pinned one if needed)."""
+        if variant_id is not None and variant_id != self._active.id:
+            variant = self._get(variant_id)
+            with self._switch_lock:
+                with self._lock:
+                    if variant.live:  # active, cached, or still finishing a request (then released after)
+                        variant.users += 1
+                        borrowed = False
+                    else:
+                        borrowed = True
+                if borrowed:
+                    variant.inflate(self._codec)
+                    with self._lock:
+                        variant.users += 1
+                        if variant is not self._active and variant.id not in self._cache:
+                            variant.release_pending = not self._cache_admit(variant)
+        else:
+            with self._lock:
+                variant = self._active
+                variant.users += 1
+        try:
+            yield variant
+        finally:
+            with self._lock:
+                variant.users -= 1
+                if variant.users == 0 and variant.release_pending and variant is not self._active:
+                    variant.release()
+
+    def infer(self, batch: torch.Tensor, variant_id: str | None = None) -> tuple[torch.Tensor, str]:
+        """Logits for ``batch`` and the id of the variant that computed them.
+
+        ``variant_id`` pins a variant for this call (a request header, say) without changing the
+        active one; by default the active variant serves it.
+        """
+        with self._hold(variant_id) as variant, torch.inference_mode():
+            return variant.module(batch), variant.id
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits for ``batch`` from the active variant."""
+        return self.infer(batch)[0]
+
+    # -------------------------------------------------------------------------------- switching
+    def _get(self, variant_id: str) -> _Variant:
+        try:
+            return self._variants[variant_id]
+        except KeyError:
+            raise ValueError(f"unknown variant {variant_id!r}; this portfolio has {self.variant_ids}") from None
+
+    def switch_to(self, variant_id: str, reason: str = "manual") -> SwitchRecord | None:
+        """Make ``variant_id`` active. Returns the log record (``None`` if it already is active).
+
+        Requests in flight finish on their variant. If inflating fails, the previous variant stays
+        active, the failure is logged and recorded, and :class:`SwitchError` is raised.
+        """
+        target = self._get(variant_id)
+        with self._switch_lock:
+            source = self._active
+            if target is source:
+                return None
+            started = time.perf_counter()
+            with self._lock:
+                cached = target.live
+                if cached:
+                    target.release_pending = False
+            if not cached:
+                try:
+                    target.inflate(self._codec)
+                except Exception as exc:  # noqa: BLE001 - any inflate failure keeps the old variant
+                    seconds = time.perf_counter() - started
+                    with contextlib.suppress(Exception):
+                        target.release()
+                    record = SwitchRecord(source.id, target.id, time.time(), seconds, reason, ok=False,
+                                          error=f"{type(exc).__name__}: {exc}")
+                    self.switch_log.append(record)
+                    logger.error("switch %s -> %s failed (%s); %s stays active", source.id, target.id,
+                                 record.error, source.id)
+                    raise SwitchError(f"cannot inflate variant {target.id!r}: {record.error}; "
+                                      f"{source.id!r} stays active") from exc
+            with self._lock:
+                self._active = target
+                self._cache.pop(target.id, None)
+                if not self._cache_admit(source):
+                    if source.users:
+                        source.release_pending = True
+                    else:
+                        source.release()
+                self._evict()
+            seconds = time.perf_counter() - started
+            record = SwitchRecord(source.id, target.id, time.time(), seconds, reason, cached=cached)
+            self.switch_log.append(record)
+            logger.info("switched %s -> %s in %.2f ms (%s%s)", source.id, target.id, seconds * 1e3, reason,
+                        ", cached" if cached else "")
+            return record
+
+    def _cache_admit(self, variant: _Variant) -> bool:
+        """Keep ``variant`` inflated in the LRU cache if the budget allows (caller holds the lock)."""
+        if self.memory_budget_bytes is None:
+            return False
+        self._cache[variant.id] = None
+        self._cache.move_to_end(variant.id)
+        self._evict()
+        return variant.id in self._cache
+
+    def _evict(self) -> None:
+        if self.memory_budget_bytes is None:
+            return
+        while self._cache and self._total_bytes() > self.memory_budget_bytes:
+            oldest = self._variants[self._cache.popitem(last=False)[0]]
+            if oldest.users:
+                oldest.release_pending = True
+            else:
+                oldest.release()
+
+    # ----------------------------------------------------------------------------------- memory
+    def resident_breakdown(self) -> dict[str, int]:
+        """Bytes held for model weights: ``compressed`` (all blobs), ``active``, ``cache`` (inactive
+        but inflated), ``in_flight`` (released variants still finishing a request), ``total``."""
+        with self._lock:
+            return self._breakdown()
+
+    def _breakdown(self) -> dict[str, int]:
+        out = {"compressed": sum(len(v.blob) for v in self._variants.values()),
+               "active": self._active.nbytes, "cache": 0, "in_flight": 0}
+        for v in self._variants.values():
+            if v.live and v is not self._active:
+                out["cache" if v.id in self._cache else "in_flight"] += v.nbytes
+        out["total"] = sum(out.values())
+        return out
+
+    def _total_bytes(self) -> int:
+        return self._breakdown()["total"]
+
+    def resident_bytes(self) -> int:
+        """Total bytes held for model weights (see :meth:`resident_breakdown`)."""
+        return self.resident_breakdown()["total"]
+
+    def cached_ids(self) -> list[str]:
+        """Inactive variants kept inflated, least recently used first."""
+        with self._lock:
+            return list(self._cache)
+
+    # -------------------------------------------------------------------------------- profiling
+    def example_batch(self, batch_size: int) -> torch.Tensor:
+        """A random batch shaped by the manifest's ``input_spec``."""
+        spec = self.manifest["input_spec"]
+        dtype = getattr(torch, spec.get("dtype", "float32"))
+        return torch.randn(batch_size, *spec["shape"]).to(dtype)
+
+    def measure_profiles(self, batch_sizes: Sequence[int] = (1, 8), warmup: int = 3,
+                         repeats: int = 10) -> dict[str, dict[int, float]]:
+        """Median seconds per batch of every variant at each batch size, on this machine.
+
+        Inactive variants are inflated one at a time for the measurement and released after it.
+        Stored in :attr:`profiles` (the policy's input) and returned.
+        """
+        started = time.perf_counter()
+        profiles: dict[str, dict[int, float]] = {}
+        for vid in self.variant_ids:
+            with self._hold(vid) as variant, torch.inference_mode():
+                profiles[vid] = {}
+                for b in batch_sizes:
+                    x = self.example_batch(int(b))
+                    for _ in range(warmup):
+                        variant.module(x)
+                    times = []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        variant.module(x)
+                        times.append(time.perf_counter() - t0)
+                    profiles[vid][int(b)] = statistics.median(times)
+        self.profiles = profiles
+        logger.info("measured latency profiles of %d variants in %.2fs", len(profiles), time.perf_counter() - started)
+        return profiles
+
+    def __repr__(self) -> str:
+        return (f"PortfolioRuntime({str(self.path)!r}, variants={self.variant_ids}, active={self.active_id!r}, "
+                f"resident={self.resident_bytes() / 2**20:.2f} MB)")
