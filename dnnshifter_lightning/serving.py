@@ -65,6 +65,7 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
         "slo_ms": None,
         "pin_header": PIN_HEADER,
         "profile_batch_sizes": [1, 8],
+        "torch_threads": "auto",
         "policy": {},
     },
 }
@@ -367,6 +368,9 @@ class TorchServeServer:
         while time.monotonic() < deadline:
             if not self._alive():
                 raise ServingError(f"TorchServe exited during startup:\n{self.log_text()}")
+            refused = self._refusal()
+            if refused:
+                raise ServingError(f"a model was refused at initialize:\n{refused}")
             try:
                 if not healthy and (self.no_auth or self.key_file.is_file()):  # with auth, /ping needs a key
                     status, body = _http("GET", self.ports.inference, "/ping", headers=self.inference_headers(),
@@ -380,6 +384,13 @@ class TorchServeServer:
             time.sleep(0.25)
         raise ServingError(f"TorchServe not ready after {timeout:.0f} s (waiting for {pending or 'ping'}):\n"
                            f"{self.log_text()}")
+
+    def _refusal(self) -> str | None:
+        log = self.log_dir / "model_log.log"
+        if not log.is_file():
+            return None
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if "DNNSHIFTER_REFUSED" in ln]
+        return lines[-1] if lines else None
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop TorchServe (``torchserve --stop`` with this server's TMPDIR), then kill its process group."""
@@ -436,3 +447,264 @@ class TorchServeServer:
             if path.is_file():
                 parts.append(f"--- {path}\n{path.read_text(errors='replace')[-tail:]}")
         return "\n".join(parts)
+
+    # ---------------------------------------------------------------- detached servers (CLI)
+    def state(self) -> dict[str, Any]:
+        """What :meth:`attach` needs to stop this server from another process."""
+        return {"pid": self.pid, "pgid": self._launcher_pgid, "tmpdir": str(self.tmpdir), "workdir": str(self.workdir),
+                "store": str(self.store), "models": self.models, "no_auth": self.no_auth,
+                "ports": vars(self.ports), "started": time.time()}
+
+    @classmethod
+    def attach(cls, state: Mapping[str, Any]) -> "TorchServeServer":
+        """A handle on a running server described by :meth:`state` (e.g. to :meth:`stop` it)."""
+        server = cls(Path(state["store"]), state["models"], no_auth=state["no_auth"], workdir=Path(state["workdir"]),
+                     ports=state["ports"])
+        shutil.rmtree(server.tmpdir, ignore_errors=True)
+        server.tmpdir = Path(state["tmpdir"])
+        server.pid, server._launcher_pgid = state["pid"], state["pgid"]
+        return server
+
+
+# -------------------------------------------------------------------------------- load generator
+
+@dataclass
+class LoadResult:
+    """One request sent by :func:`run_load`. Times are seconds on ``time.monotonic``."""
+
+    scheduled: float  #: when it was due (open loop) or sent (closed loop)
+    latency: float  #: from ``scheduled`` to the full response (so queueing in the client counts)
+    status: int  #: HTTP status, or 0 when the connection failed
+    index: int  #: which body of ``bodies`` was sent
+    variant: str | None = None
+    label: int | None = None
+    phase: str = ""
+
+
+def _parse_reply(body: bytes) -> tuple[str | None, int | None]:
+    try:
+        reply = json.loads(body)
+        return reply.get("variant"), reply.get("label")
+    except (ValueError, AttributeError):
+        return None, None
+
+
+def run_load(port: int, path: str, bodies: Sequence[bytes], *, concurrency: int = 8, duration_s: float = 5.0,
+             max_requests: int = 10_000, rate: float | None = None, headers: Mapping[str, str] | None = None,
+             phase: str = "", timeout: float = 30.0) -> list[LoadResult]:
+    """Send requests to ``http://127.0.0.1:PORT/PATH`` for at most ``duration_s`` and ``max_requests``.
+
+    Closed loop (``rate=None``): ``concurrency`` clients send back to back, a saturating burst.
+    Open loop (``rate`` per second): requests are due at fixed intervals and sent by at most
+    ``concurrency`` clients; latency counts from when a request was due, so a server that falls
+    behind shows it (no coordinated omission). Bodies are used round robin. Loopback only.
+
+    >>> res = run_load(8080, "/predictions/digits", [b'{"data": ...}'], rate=2, duration_s=3)  # doctest: +SKIP
+    """
+    if not (1 <= concurrency <= 256 and 0 < duration_s <= 600 and 1 <= max_requests <= 1_000_000 and bodies):
+        raise ValueError("run_load: need 1..256 clients, 0..600 s, 1..1e6 requests and at least one body")
+    if rate is not None and not 0 < rate <= 10_000:
+        raise ValueError("run_load: rate must be in (0, 10000] requests per second")
+    start = time.monotonic()
+    deadline = start + duration_s
+    results: list[LoadResult] = []
+    lock = threading.Lock()
+    counter = iter(range(max_requests))
+    hdrs = dict(headers or {})
+    hdrs.setdefault("Content-Type", "application/json")
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+        try:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                due = start + i / rate if rate else time.monotonic()
+                if due >= deadline:
+                    return
+                if rate:
+                    time.sleep(max(0.0, due - time.monotonic()))
+                body = bodies[i % len(bodies)]
+                try:
+                    conn.request("POST", path, body=body, headers=hdrs)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    status = resp.status
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+                    status, data = 0, b""
+                variant, label = _parse_reply(data) if status == 200 else (None, None)
+                res = LoadResult(due, time.monotonic() - due, status, i % len(bodies), variant, label, phase)
+                with lock:
+                    results.append(res)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration_s + timeout + 5)
+    return sorted(results, key=lambda r: r.scheduled)
+
+
+def summarize(results: Sequence[LoadResult], labels: Sequence[int] | None = None,
+              span_s: float | None = None) -> dict[str, Any]:
+    """Latency percentiles (ms), throughput, error count, accuracy and variant mix of some requests."""
+    ok = [r for r in results if r.status == 200]
+    lat = sorted(r.latency * 1000.0 for r in ok)
+
+    def pct(q: float) -> float | None:
+        return round(lat[min(len(lat) - 1, max(0, int(round(q / 100.0 * len(lat))) - 1))], 3) if lat else None
+
+    if span_s is None:
+        span_s = (max(r.scheduled + r.latency for r in results) - min(r.scheduled for r in results)) if results else 0
+    correct = sum(1 for r in ok if labels is not None and r.label == labels[r.index])
+    variants: dict[str, int] = {}
+    for r in ok:
+        variants[r.variant or "?"] = variants.get(r.variant or "?", 0) + 1
+    return {
+        "requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
+        "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+        "throughput_rps": round(len(ok) / span_s, 2) if span_s else None,
+        "accuracy": round(correct / len(ok), 4) if ok and labels is not None else None,
+        "correct_per_s": round(correct / span_s, 2) if span_s and labels is not None else None,
+        "variants": variants, "span_s": round(span_s, 3),
+    }
+
+
+def read_switches(server: TorchServeServer) -> list[dict[str, Any]]:
+    """Every ``DNNSHIFTER_SWITCH`` the handler logged (from, to, reason, switch_ms, time), oldest first."""
+    log = server.log_dir / "model_log.log"
+    out = []
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            if "DNNSHIFTER_SWITCH {" in line:
+                with_json = line.split("DNNSHIFTER_SWITCH ", 1)[1]
+                try:
+                    event = json.loads(with_json)
+                except ValueError:
+                    continue
+                if event.get("from") != event.get("to"):
+                    out.append(event)
+    return out
+
+
+# -------------------------------------------------------------------------------- CLI commands
+
+def _console(console: Any = None) -> Any:
+    if console is not None:
+        return console
+    from rich.console import Console
+
+    return Console()
+
+
+def state_dir() -> Path:
+    """Where ``dnnshifter serve`` keeps its server's working dir and state: ``$DNNSHIFTER_HOME`` or
+    ``$XDG_CACHE_HOME/dnnshifter`` (default ``~/.cache/dnnshifter``)."""
+    if os.environ.get("DNNSHIFTER_HOME"):
+        return Path(os.environ["DNNSHIFTER_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dnnshifter"
+
+
+def _fail(console: Any, exc: Exception) -> SystemExit:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return SystemExit(1)
+
+
+def archive_command(portfolio: Path, model_name: str, export_path: Path, config: Path | None = None,
+                    force: bool = False, console: Any = None) -> Path:
+    """``dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--config YAML] [--force]``."""
+    console = _console(console)
+    try:
+        mar = build_archive(portfolio, model_name, export_path, config, force)
+    except (ServingError, OSError, ValueError) as exc:
+        raise _fail(console, exc) from exc
+    console.print(f"wrote [bold]{mar}[/] ({mar.stat().st_size / 1e6:.1f} MB)\n"
+                  f"serve it:  dnnshifter serve {export_path} --model {model_name}")
+    return mar
+
+
+def serve_command(store: Path, model: str, *, inference_port: int | None = None, management_port: int | None = None,
+                  metrics_port: int | None = None, no_auth: bool = False, foreground: bool = False,
+                  console: Any = None) -> dict[str, Any]:
+    """``dnnshifter serve STORE --model NAME``: start TorchServe on 127.0.0.1 and wait until it is healthy.
+
+    Ports default to TorchServe's 8080/8081/8082 when free, else free ones. Token authorization
+    stays on unless ``no_auth``. The server keeps running in the background (stop it with
+    :func:`serve_stop_command`) unless ``foreground``, which serves until Ctrl-C.
+    """
+    console = _console(console)
+    home = state_dir()
+    state_file = home / "serve.json"
+    if state_file.is_file():
+        old = TorchServeServer.attach(json.loads(state_file.read_text()))
+        if old._alive():
+            raise _fail(console, ServingError(f"a server is already running ({old.inference_url}); "
+                                              "stop it first: dnnshifter serve --stop"))
+        state_file.unlink()
+    mar = Path(store) / f"{model}.mar"
+    if not mar.is_file():
+        raise _fail(console, ServingError(f"{mar} not found; build it with: dnnshifter archive PORTFOLIO "
+                                          f"--model-name {model} --export-path {store}"))
+    wanted = {"inference": inference_port, "management": management_port, "metrics": metrics_port}
+    ports = {k: v or (d if _port_is_free(d) else free_port()) for (k, v), d in zip(wanted.items(), (8080, 8081, 8082))}
+    workdir = home / "torchserve"
+    shutil.rmtree(workdir / "logs", ignore_errors=True)
+    server = TorchServeServer(store, {model: mar.name}, no_auth=no_auth, workdir=workdir, ports=ports)
+    with console.status(f"starting TorchServe for {model} (loading and profiling the portfolio)..."):
+        try:
+            server.start()
+        except ServingError as exc:
+            raise _fail(console, exc) from exc
+    home.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(server.state(), indent=2))
+    console.print(f"[bold green]TorchServe is serving {model}[/]\n"
+                  f"  inference   {server.inference_url}/predictions/{model}\n"
+                  f"  management  {server.management_url}/models/{model}\n"
+                  f"  metrics     {server.metrics_url}/metrics\n"
+                  f"  logs        {server.log_dir}")
+    auth = "" if no_auth else f' -H "Authorization: Bearer $(jq -r .inference.key {server.key_file})"'
+    if not no_auth:
+        console.print(f"  token auth is ON: keys are in {server.key_file} (inference.key for predictions, "
+                      "management.key for the management API; they expire after 60 min, the API key there "
+                      f"mints new ones: POST {server.management_url}/token?type=inference)")
+    console.print(f"try:  curl{auth} -X POST {server.inference_url}/predictions/{model} -T digit.png\n"
+                  f"      curl{auth} -H 'Content-Type: application/json' -d '{{\"data\": [[...]]}}' "
+                  f"{server.inference_url}/predictions/{model}")
+    info = {"model": model, **server.state(), "inference_url": server.inference_url,
+            "management_url": server.management_url, "metrics_url": server.metrics_url,
+            "key_file": None if no_auth else str(server.key_file)}
+    if foreground:
+        console.print("serving in the foreground; Ctrl-C stops it")
+        try:
+            while server._alive():
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+            state_file.unlink(missing_ok=True)
+            console.print("TorchServe stopped")
+    else:
+        console.print("stop it with:  dnnshifter serve --stop")
+    return info
+
+
+def serve_stop_command(console: Any = None) -> bool:
+    """``dnnshifter serve --stop``: stop the server ``dnnshifter serve`` started. True if one was running."""
+    console = _console(console)
+    state_file = state_dir() / "serve.json"
+    if not state_file.is_file():
+        console.print("no server started by `dnnshifter serve` is running")
+        return False
+    server = TorchServeServer.attach(json.loads(state_file.read_text()))
+    was_running = server._alive()
+    server.stop()
+    state_file.unlink(missing_ok=True)
+    console.print("TorchServe stopped" if was_running else "the recorded server had already exited")
+    return was_running

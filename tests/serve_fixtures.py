@@ -1,0 +1,78 @@
+"""Helpers for the TorchServe integration tests: a small real portfolio built in a few seconds.
+
+The variants are DigitsCNNs of decreasing width (random but seeded weights, BN statistics set
+to non-trivial values), exported with ``portfolio.save_variant``. Their costs differ by an order of
+magnitude, which is what the switching test needs; their predictions are whatever they compute,
+which is what the equivalence test compares against local inference.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from dnnshifter_lightning.digits import DIGITS_INPUT_SPEC, load_digits_tensors
+from dnnshifter_lightning.models import DigitsCNN
+from dnnshifter_lightning.portfolio import save_variant, write_manifest
+from dnnshifter_lightning.profile import count_params, measure_latency_ms
+
+WIDTHS = (64, 16, 4)
+
+
+def _model(width: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = DigitsCNN(width=width)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def build_test_portfolio(out: Path, widths: tuple[int, ...] = WIDTHS) -> dict:
+    """Write a portfolio of DigitsCNN variants (widest first) to ``out``; returns the manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    example = torch.randn(8, 1, 8, 8)
+    variants = []
+    for level, width in enumerate(widths):
+        model = _model(width, seed=level)
+        vid = f"level_{level:02d}"
+        rel = f"variants/{vid}.pt2.zst"
+        info = save_variant(model, example[:2], out / rel)
+        n = count_params(model)
+        variants.append({
+            "id": vid, "level": level, "sparsity": 1.0 - n / count_params(_model(widths[0], 0)),
+            "params": n, "nonzero_params": n, "file": rel, "bytes_raw": info["bytes_raw"],
+            "bytes_compressed": info["bytes_compressed"], "sha256": info["sha256"], "macs": 0,
+            "latency_ms": {str(b): measure_latency_ms(model, example[:b], 2, 5) for b in (1, 8)},
+            "accuracy": None, "sparse_accuracy": None, "max_abs_diff": 0.0,
+        })
+    manifest = {"format_version": 1, "input_spec": dict(DIGITS_INPUT_SPEC), "variants": variants}
+    write_manifest(out, manifest)
+    return manifest
+
+
+def digits_samples(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` real digits (normalised, ``(n, 1, 8, 8)``) and their labels."""
+    x, y = load_digits_tensors()
+    return x[:n], y[:n]
+
+
+def json_body(x: torch.Tensor) -> bytes:
+    """One input (no batch dim) as the handler's JSON body."""
+    return json.dumps({"data": x.tolist()}).encode()
+
+
+def png_body(x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    """Encode one normalised digit as an 8-bit grayscale PNG; also returns the tensor the PNG decodes to."""
+    from PIL import Image
+
+    pixels = ((x[0] * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.numpy(), mode="L").save(buf, format="PNG")
+    decoded = (pixels.float() / 255.0 - 0.5) / 0.5
+    return buf.getvalue(), decoded.unsqueeze(0)
