@@ -1,0 +1,368 @@
+"""Channel surgery behind :func:`dnnshifter_lightning.structured.prune_structurally` (internal).
+
+Torch-Pruning's ``DependencyGraph`` tells us which layers must agree on a channel (a *group*: residual
+adds, concatenation, BN, depthwise convs) and slices every member of a group consistently. Which
+channels are dead, and what to fold into biases before slicing, is decided here, conservatively:
+
+* every member of a group gets a role: ``consumer`` (a dense conv or Linear that reads the channel),
+  ``producer`` (a dense conv or Linear that writes it), ``depthwise`` (both, channel by channel) or
+  ``pass`` (BN, concat, split, flatten and a whitelist of channel-wise ops). Anything else (grouped
+  convs, LayerNorm, GroupNorm, unknown autograd ops, bare parameters...) makes the whole group
+  ``unsupported``: its channels are kept and the caller warns.
+* a channel is ``unread`` when every consumer's weights that read it are zero.
+* a channel whose producers all have all-zero filters is a data-independent value at every consumer.
+  We measure that value on the example inputs (it must be the same at every position, which rules out
+  border effects of padding); a zero value needs nothing, a non-zero one is folded into the bias of a
+  consumer that can absorb it exactly (a Linear or an unpadded conv), else the channel stays (unless
+  ``approximate``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+OPTYPE = tp.ops.OPTYPE
+
+CONSUMER, PRODUCER, DEPTHWISE, PASS, OUTPUT, UNSUPPORTED = "consumer", "producer", "depthwise", "pass", "output", "unsupported"
+
+UNREAD, ZERO_CONSTANT, FOLDED, FOLDED_APPROX = "unread", "zero_constant", "folded", "folded_approx"
+
+# Autograd ops that act on each channel separately, so a channel's value after them depends only on
+# the same channel before them. Anything not listed here (permute, transpose, softmax over channels,
+# matmul, ...) is "unsupported" and its group keeps every channel.
+_CHANNELWISE_OPS = re.compile(
+    r"^(add|sub|rsub|mul|div|neg|relu|relu6|hardtanh|clamp|clampmin|clampmax|threshold|sigmoid|silu|"
+    r"hardswish|hardsigmoid|gelu|tanh|leakyrelu|elu|selu|celu|mish|softplus|abs|pow|sqrt|exp|"
+    r"maxpool\dd(withindices)?|avgpool\dd|adaptiveavgpool\dd|adaptivemaxpool\dd|"
+    r"upsample\w*|clone|alias|detach|tocopy|contiguous|identity|squeeze|unsqueeze)\d*$"
+)
+_REDUCTIONS = re.compile(r"^(mean|sum|amax|amin|max|min)\d*$")
+
+
+@dataclass
+class _Member:
+    role: str
+    module: Any
+    name: str
+    idxs: torch.Tensor  # plain channel indices in this member's own coordinates
+    roots: torch.Tensor  # the group's root index for each entry of ``idxs``
+
+
+@dataclass
+class GroupPlan:
+    """What one pass decided for one group: indices (root coordinates) to remove and why."""
+
+    group: Any
+    members: list[_Member]
+    remove: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class SurgeryLog:
+    removed_reasons: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    unsupported: dict[str, str] = field(default_factory=dict)  # layer name -> why its channels were kept
+    approx_folds: int = 0
+    passes: list[int] = field(default_factory=list)  # channels removed per pass
+
+
+def _op_name(node) -> str:
+    grad_fn = node.grad_fn
+    name = grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else str(node.module)
+    return re.sub(r"backward\d*$", "", name.lower())
+
+
+def _channelwise(node) -> bool:
+    name = _op_name(node)
+    if _CHANNELWISE_OPS.match(name):
+        return True
+    if _REDUCTIONS.match(name):  # e.g. torch.mean(x, (2, 3)): fine unless it reduces the channel dim
+        dims = getattr(node.grad_fn, "_saved_dim", None)
+        shape = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        if dims is None or shape is None or len(shape) < 2:
+            return False
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        return all(d % len(shape) != 1 for d in dims)
+    return False
+
+
+def _role(dg, dep) -> tuple[str, str]:
+    """The member's role in its group and, for ``unsupported``, why."""
+    node, module, handler = dep.target, dep.target.module, dep.handler
+    if node.type == OPTYPE.OUTPUT:
+        return OUTPUT, ""
+    if node.type in (OPTYPE.CONV, OPTYPE.LINEAR):
+        if isinstance(module, _ConvNd) and (module.transposed or module.groups != 1):
+            return UNSUPPORTED, f"grouped or transposed conv ({module})"
+        pruner = dg.get_pruner_of_module(module)
+        if handler == pruner.prune_out_channels:
+            return (OUTPUT if not node.outputs else PRODUCER), ""
+        return CONSUMER, ""
+    if node.type == OPTYPE.DEPTHWISE_CONV:
+        if module.transposed or not (module.in_channels == module.out_channels == module.groups):
+            return UNSUPPORTED, f"depthwise conv with a channel multiplier ({module})"
+        return (DEPTHWISE if node.outputs else OUTPUT), ""
+    if node.type in (OPTYPE.BN, OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.RESHAPE):
+        return (PASS if node.outputs else OUTPUT), ""
+    if node.type == OPTYPE.ELEMENTWISE:
+        if not node.inputs and _op_name(node) in ("t", "transpose", "permute") and all(
+                o.type == OPTYPE.LINEAR for o in node.outputs):
+            return PASS, ""  # a Linear's own weight transposed for addmm: not on the data path
+        if not _channelwise(node):
+            return UNSUPPORTED, f"operation {_op_name(node)!r} may mix channels"
+        return (PASS if node.outputs else OUTPUT), ""
+    return UNSUPPORTED, f"{node.type.name} layer ({type(module).__name__})"
+
+
+class NonzeroMap:
+    """For each conv/Linear, which (output, input) channel pairs hold a nonzero weight.
+
+    Built with one scan per weight and then sliced in step with the surgery, so later passes (which
+    look for channels that died because their only readers or writers went) need no new scan.
+    """
+
+    def __init__(self) -> None:
+        self._nz: dict[int, torch.Tensor] = {}
+        self._pending: dict[int, tuple[nn.Module, set, set]] = {}
+        self._memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _pairs(self, module: nn.Module) -> torch.Tensor:
+        if id(module) not in self._nz:
+            w = module.weight.detach()
+            self._nz[id(module)] = w.ne(0).reshape(w.shape[0], w.shape[1], -1).any(dim=2)
+        return self._nz[id(module)]
+
+    def zero_slices(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Booleans per channel: (input slice all zero, output filter all zero)."""
+        if id(module) not in self._memo:
+            pairs = self._pairs(module)
+            self._memo[id(module)] = (~pairs.any(dim=0), ~pairs.any(dim=1))
+        return self._memo[id(module)]
+
+    def record(self, module: nn.Module, axis: int, idxs: list[int]) -> None:
+        """Channels removed this pass, in the coordinates the pass started with."""
+        entry = self._pending.setdefault(id(module), (module, set(), set()))
+        entry[1 + axis].update(idxs)
+
+    def commit(self) -> bool:
+        """Applies this pass's removals; True if some channel became all-zero because of them."""
+        new_dead = False
+        for key, (module, rows, cols) in self._pending.items():
+            old = self._nz.get(key)
+            if old is None:
+                continue
+            keep_r = torch.ones(old.shape[0], dtype=torch.bool)
+            keep_r[list(rows)] = False
+            keep_c = torch.ones(old.shape[1], dtype=torch.bool)
+            if old.shape[1] > 1 or not cols:
+                keep_c[list(cols)] = False
+            new = old[keep_r][:, keep_c]
+            if new.shape != (module.weight.shape[0], module.weight.shape[1]):
+                del self._nz[key]  # out of step with the module (should not happen): rescan later
+                new_dead = True
+                continue
+            self._nz[key] = new
+            new_dead |= bool((~new.any(dim=1) & old.any(dim=1)[keep_r]).any())
+            new_dead |= bool((~new.any(dim=0) & old.any(dim=0)[keep_c]).any())
+        self._pending.clear()
+        self._memo.clear()
+        return new_dead
+
+
+def members_of(dg, group, names: dict) -> tuple[list[_Member], str | None, bool]:
+    """The group's members with roles; why the group is unsupported (or None); whether it reaches
+    the model's output (then its channels are part of the function's signature and stay)."""
+    members, why, to_output = [], None, False
+    for item in group.items:
+        role, reason = _role(dg, item.dep)
+        module = item.dep.target.module
+        name = names.get(module, str(module))
+        if role == UNSUPPORTED and why is None:
+            why = reason
+        to_output |= role == OUTPUT
+        roots = torch.as_tensor([-1 if r is None else r for r in item.root_idxs], dtype=torch.long)
+        members.append(_Member(role, module, name, torch.as_tensor(item.idxs, dtype=torch.long), roots))
+        if (roots < 0).any() and why is None:
+            why = "index mapping without root indices"
+    return members, why, to_output
+
+
+@dataclass
+class _Request:
+    """A live consumer reading a channel that may be a constant; it needs the measured value."""
+
+    module: nn.Module
+    idx: int
+    root: int
+
+
+def analyse(group, members: list[_Member], nonzero: NonzeroMap) -> tuple[GroupPlan, list[_Request], torch.Tensor]:
+    """Classify every root channel of ``group``; returns the plan for unread channels, the constant
+    candidates' requests and the candidate mask."""
+    n = len(group[0].idxs)
+    live_read = torch.zeros(n, dtype=torch.long)
+    has_consumer = torch.zeros(n, dtype=torch.bool)
+    live_write = torch.zeros(n, dtype=torch.long)
+    has_producer = torch.zeros(n, dtype=torch.bool)
+    for m in members:
+        if m.role not in (CONSUMER, PRODUCER, DEPTHWISE):
+            continue
+        zero_in, zero_out = nonzero.zero_slices(m.module)
+        live = (~(zero_in if m.role == CONSUMER else zero_out)[m.idxs]).long()
+        if m.role in (CONSUMER, DEPTHWISE):
+            live_read.index_add_(0, m.roots, live)
+            has_consumer[m.roots] = True
+        if m.role in (PRODUCER, DEPTHWISE):
+            live_write.index_add_(0, m.roots, live)
+            has_producer[m.roots] = True
+    plan = GroupPlan(group, members)
+    for r in torch.nonzero(has_consumer & (live_read == 0)).flatten().tolist():
+        plan.remove[r] = UNREAD
+    candidates = has_consumer & (live_read > 0) & has_producer & (live_write == 0)
+    requests: list[_Request] = []
+    if candidates.any():
+        for m in members:
+            if m.role != CONSUMER:  # a depthwise conv with a zero filter is also a zero producer: fine
+                continue
+            zero = nonzero.zero_slices(m.module)[0][m.idxs]
+            for idx, root, z in zip(m.idxs.tolist(), m.roots.tolist(), zero.tolist()):
+                if candidates[root] and not z:
+                    requests.append(_Request(m.module, idx, root))
+    return plan, requests, candidates
+
+
+def measure_inputs(model: nn.Module, run: Callable[[nn.Module], Any], modules: Sequence[nn.Module], *,
+                   counts: Counter | None = None, names: dict | None = None) -> dict:
+    """Per-channel (min, max) of the input of each module over the example inputs (channel dim 1
+    for convs, last dim for Linear). ``run``'s return value is stored under ``"result"``; ``counts``
+    (if given) counts calls per module name."""
+    stats: dict[Any, Any] = {}
+
+    def hook(module, args):
+        if counts is not None and names is not None:
+            counts.update([names[module]])
+        x = args[0].detach()
+        flat = x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else x.transpose(0, 1).reshape(x.shape[1], -1).T
+        lo, hi = torch.aminmax(flat, dim=0)
+        if id(module) in stats:
+            plo, phi = stats[id(module)]
+            lo, hi = torch.minimum(lo, plo), torch.maximum(hi, phi)
+        stats[id(module)] = (lo, hi)
+
+    handles = [m.register_forward_pre_hook(hook) for m in {id(m): m for m in modules}.values()]
+    try:
+        stats["result"] = run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _absorbs_exactly(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    padding = module.padding
+    return padding != "same" and all(p == 0 for p in (padding if isinstance(padding, tuple) else (padding,)))
+
+
+def decide_constants(plan: GroupPlan, requests: list[_Request], candidates: torch.Tensor, stats: dict,
+                     approximate: bool) -> list[tuple[nn.Module, int, float]]:
+    """Adds constant channels that can go to ``plan.remove``; returns the bias folds they need."""
+    by_root: dict[int, list[_Request]] = defaultdict(list)
+    for req in requests:
+        by_root[req.root].append(req)
+    folds: list[tuple[nn.Module, int, float]] = []
+    for root in torch.nonzero(candidates).flatten().tolist():
+        reason, pending = ZERO_CONSTANT, []
+        for req in by_root.get(root, []):
+            lo, hi = stats[id(req.module)]
+            lo, hi = float(lo[req.idx]), float(hi[req.idx])
+            if lo == hi == 0.0:
+                continue
+            if hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi)):
+                reason = None  # not the same value everywhere (e.g. padding borders upstream)
+                break
+            if _absorbs_exactly(req.module):
+                reason = FOLDED if reason != FOLDED_APPROX else reason
+            elif approximate:
+                reason = FOLDED_APPROX
+            else:
+                reason = None
+                break
+            pending.append((req.module, req.idx, 0.5 * (lo + hi)))
+        if reason is not None:
+            plan.remove[root] = reason
+            folds.extend(pending)
+    return folds
+
+
+def apply_folds(folds: list[tuple[nn.Module, int, float]]) -> None:
+    """Adds ``value * (weights reading idx)`` to each consumer's bias (before that input is sliced)."""
+    with torch.no_grad():
+        for module, idx, value in folds:
+            w = module.weight[:, idx]
+            delta = value * (w.reshape(w.shape[0], -1).sum(dim=1))
+            if module.bias is None:
+                module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+            module.bias.add_(delta)
+
+
+def prune_group(dg, plan: GroupPlan, log: SurgeryLog, nonzero: NonzeroMap) -> int:
+    """Slices the chosen channels out of every member of the group; returns how many went."""
+    n = len(plan.group[0].idxs)
+    remove = dict(plan.remove)
+    if len(remove) >= n:  # never empty a layer: keep one channel (the network's output is then constant)
+        remove.pop(min(remove))
+    if not remove:
+        return 0
+    roots = sorted(remove)
+    gone = torch.zeros(n, dtype=torch.bool)
+    gone[roots] = True
+    for m in plan.members:
+        if m.role not in (PRODUCER, DEPTHWISE, CONSUMER):
+            continue
+        sel = gone[m.roots]
+        nonzero.record(m.module, 1 if m.role == CONSUMER else 0, m.idxs[sel].tolist())
+        if m.role != CONSUMER:
+            for root in m.roots[sel].tolist():
+                log.removed_reasons[m.name][remove[root]] += 1
+    root_dep = plan.group[0].dep
+    dg.get_pruning_group(root_dep.target.module, root_dep.handler, roots).prune(record_history=False)
+    log.approx_folds += sum(1 for r in remove.values() if r == FOLDED_APPROX)
+    return len(remove)
+
+
+def fuse_batchnorms(dg, model: nn.Module) -> int:
+    """Folds every BN that directly follows a conv or Linear (and is its only reader) into it."""
+    names = {m: n for n, m in model.named_modules()}
+    fused = 0
+    for module, node in list(dg.module2node.items()):
+        if node.type != OPTYPE.BN or len(node.inputs) != 1 or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        src = node.inputs[0]
+        layer = src.module
+        if src.type not in (OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.LINEAR) or len(src.outputs) != 1:
+            continue
+        if module not in names or layer not in names or not module.track_running_stats or module.running_mean is None:
+            continue
+        if isinstance(layer, _ConvNd) and layer.transposed:
+            continue
+        new_layer = fuse_linear_bn_eval(layer, module) if isinstance(layer, nn.Linear) else fuse_conv_bn_eval(layer, module)
+        _set_submodule(model, names[layer], new_layer)
+        _set_submodule(model, names[module], nn.Identity())
+        fused += 1
+    return fused
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
