@@ -345,3 +345,34 @@ def test_measure_accuracy_and_latency() -> None:
     assert measure_latency_ms(nn.Linear(4, 4), x, warmup=1, repeats=3) > 0
     with pytest.raises(ValueError):
         measure_accuracy(perfect, [], num_classes=4)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return self.a(h), self.b(h)
+
+
+def test_multi_output_variant_keeps_its_structure_and_allows_eval(tmp_path: Path) -> None:
+    model = TwoHeads().eval()
+    pf.save_variant(model, torch.randn(2, 4), tmp_path / "two.pt2.zst")
+    loaded = pf.load_variant(tmp_path / "two.pt2.zst")
+    loaded.train()
+    loaded.eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        for got, want in zip(loaded(x), model(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_single_output_variant_is_a_lean_graph_module(saved: tuple[nn.Module, Path, dict]) -> None:
+    model, path, _ = saved
+    loaded = pf.load_variant(path)
+    assert type(loaded).__name__ == "PortfolioVariant"
+    assert isinstance(loaded(torch.randn(1, 1, 8, 8)), torch.Tensor)
+    assert set(pf.variant_state(loaded)) == set(model.state_dict())
