@@ -1,2 +1,129 @@
+"""The ``dnnshifter`` command (typer). Each command is a thin wrapper over a library function.
+
+    dnnshifter demo --out DIR
+    dnnshifter portfolio build CKPT_DIR --model package.module:Class --out DIR [--datamodule package.module:Class]
+    dnnshifter portfolio show DIR
+    dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE
+    dnnshifter serve STORE --model NAME [--no-auth]
+    dnnshifter serve --stop
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
 import typer
-app = typer.Typer()
+from rich.console import Console
+
+from .demo import DEMO_DEFAULTS
+
+app = typer.Typer(
+    name="dnnshifter",
+    help="DNNShifter for Lightning and TorchServe: IMP -> exact structural pruning -> a served, switching portfolio.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+portfolio_app = typer.Typer(help="Build or inspect a portfolio of structurally pruned variants.", no_args_is_help=True)
+app.add_typer(portfolio_app, name="portfolio")
+console = Console()
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Output directory."),
+    levels: int = typer.Option(DEMO_DEFAULTS["levels"], help="IMP levels (checkpoints = levels + 1)."),
+    prune_fraction: float = typer.Option(DEMO_DEFAULTS["prune_fraction"], help="Fraction of surviving weights pruned per level."),
+    epochs_per_level: int = typer.Option(DEMO_DEFAULTS["epochs_per_level"], help="Epochs trained at every level."),
+    rewind_to: str = typer.Option(DEMO_DEFAULTS["rewind_to"], help="Rewind point: steps, 'Nit', 'Nep' or 0."),
+    width: int = typer.Option(DEMO_DEFAULTS["width"], help="DigitsCNN width (channels of the first stage)."),
+    seed: int = typer.Option(DEMO_DEFAULTS["seed"]),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="End by serving the portfolio with TorchServe."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete OUT first if it exists."),
+) -> None:
+    """Train with IMP on real digits, build the portfolio, then serve and switch it with TorchServe."""
+    from .demo import run_demo
+
+    try:
+        run_demo(out, levels=levels, prune_fraction=prune_fraction, epochs_per_level=epochs_per_level,
+                 rewind_to=rewind_to, width=width, seed=seed, serve=serve, fresh=fresh, console=console)
+    except (ValueError, FileExistsError) as exc:
+        _fail(exc)
+
+
+@portfolio_app.command("build")
+def portfolio_build(
+    ckpt_dir: Path = typer.Argument(..., help="Directory with level_LL.ckpt files written by IterativeMagnitudePruning."),
+    model: str = typer.Option(..., "--model", help="The LightningModule class, as package.module:Class."),
+    out: Path = typer.Option(..., "--out", help="Portfolio directory to write."),
+    datamodule: Optional[str] = typer.Option(None, "--datamodule", help="package.module:Class whose val_dataloader() measures accuracy."),
+) -> None:
+    """Structurally prune level checkpoints trained elsewhere into a portfolio."""
+    from .builder import portfolio_build_command
+
+    try:
+        portfolio_build_command(ckpt_dir, model, out, datamodule)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        _fail(exc)
+
+
+@portfolio_app.command("show")
+def portfolio_show(directory: Path = typer.Argument(..., help="Portfolio directory.")) -> None:
+    """Print a portfolio's table (and verify its files)."""
+    from .builder import portfolio_show_command
+
+    try:
+        portfolio_show_command(directory)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def archive(
+    portfolio: Path = typer.Argument(..., help="Portfolio directory."),
+    model_name: str = typer.Option(..., "--model-name", help="TorchServe model name."),
+    export_path: Path = typer.Option(..., "--export-path", help="Model store directory to write NAME.mar into."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A model-config.yaml to use instead of the defaults."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing NAME.mar."),
+) -> None:
+    """Package a portfolio, the handler and its config into STORE/NAME.mar with torch-model-archiver."""
+    from .serving import archive_command
+
+    try:
+        archive_command(portfolio, model_name, export_path, config=config, force=force)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def serve(
+    store: Optional[Path] = typer.Argument(None, help="Model store holding NAME.mar."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (NAME of NAME.mar)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Disable token authorization (local demos only)."),
+    stop: bool = typer.Option(False, "--stop", help="Stop the server started by `dnnshifter serve`."),
+    inference_port: Optional[int] = typer.Option(None, help="Default: a free port on 127.0.0.1."),
+    management_port: Optional[int] = typer.Option(None),
+    metrics_port: Optional[int] = typer.Option(None),
+) -> None:
+    """Start real TorchServe on 127.0.0.1 with a generated config, wait until healthy, print the URLs."""
+    from .serving import serve_command, serve_stop_command
+
+    try:
+        if stop:
+            serve_stop_command()
+            return
+        if store is None or model is None:
+            raise ValueError("give the model store and --model NAME (or --stop)")
+        serve_command(store, model, inference_port=inference_port, management_port=management_port,
+                      metrics_port=metrics_port, no_auth=no_auth)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
