@@ -1,0 +1,257 @@
+"""Integration tests against a real TorchServe (Java 17) on loopback ports with its own TMPDIR.
+
+One server (token auth on) is shared by the module; it is always stopped by the fixture's
+finalizer. Everything is bounded: request counts, load durations and polling loops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dnnshifter_lightning import serving
+from dnnshifter_lightning.runtime import PortfolioRuntime
+from dnnshifter_lightning.serving import (
+    PIN_HEADER, JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches, run_load,
+)
+from serve_fixtures import build_test_portfolio, digits_samples, json_body, png_body
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+MODEL = "digits"
+
+
+@pytest.fixture(scope="module")
+def portfolio(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("portfolio")
+    build_test_portfolio(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(portfolio, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("store")
+    build_archive(portfolio, MODEL, store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    ts = TorchServeServer(store, [MODEL], no_auth=False, workdir=tmp_path_factory.mktemp("ts"))
+    try:
+        ts.start()
+        yield ts
+    finally:
+        ts.stop()
+    assert not ts._alive()
+
+
+@pytest.fixture(scope="module")
+def local(portfolio) -> PortfolioRuntime:
+    return PortfolioRuntime(portfolio, profile_batch_sizes=None)
+
+
+def _reply(status_body):
+    status, body = status_body
+    assert status == 200, body
+    return json.loads(body)
+
+
+def _assert_matches_local(local, x, reply):
+    logits, vid = local.infer(x.unsqueeze(0), reply["variant"])
+    assert vid == reply["variant"]
+    expected = torch.softmax(logits[0].float(), dim=0)
+    assert reply["label"] == int(expected.argmax())
+    assert torch.allclose(torch.tensor(reply["scores"]), expected, atol=1e-4)
+
+
+def test_predictions_equal_local_inference_with_the_serving_variant(server, local):
+    x, _ = digits_samples(12)
+    for i in range(len(x)):
+        reply = _reply(server.predict(MODEL, json_body(x[i]), {"Content-Type": "application/json"}))
+        assert reply["variant"] in local.variant_ids
+        assert len(reply["scores"]) == 10
+        _assert_matches_local(local, x[i], reply)
+
+
+def test_png_request(server, local):
+    x, _ = digits_samples(3)
+    for i in range(3):
+        png, decoded = png_body(x[i])
+        assert png[:4] == b"\x89PNG"
+        reply = _reply(server.predict(MODEL, png, {"Content-Type": "image/png"}))
+        _assert_matches_local(local, decoded, reply)
+
+
+def test_pin_header_serves_the_pinned_variant(server, local):
+    x, _ = digits_samples(2)
+    for vid in local.variant_ids:
+        reply = _reply(server.predict(MODEL, json_body(x[1]), {PIN_HEADER: vid}))
+        assert reply["variant"] == vid
+        _assert_matches_local(local, x[1], reply)
+    status, body = server.predict(MODEL, json_body(x[1]), {PIN_HEADER: "no_such_variant"})
+    assert status == 400 and "no_such_variant" in json.loads(body)["error"]
+
+
+def test_token_auth_is_enforced(server):
+    x, _ = digits_samples(1)
+    status, _ = serving._http("POST", server.ports.inference, f"/predictions/{MODEL}", json_body(x[0]))
+    assert status in (400, 401, 403)
+    status, _ = serving._http("POST", server.ports.inference, f"/predictions/{MODEL}", json_body(x[0]),
+                              {"Authorization": "Bearer wrong"})
+    assert status in (400, 401, 403)
+    assert server.predict(MODEL, json_body(x[0]))[0] == 200
+
+
+BAD_BODIES = {
+    "empty body": b"",
+    "malformed json": b'{"data": [[1, 2,',
+    "json without data": b'{"pixels": [1, 2, 3]}',
+    "wrong tensor shape": json.dumps({"data": [[0.0] * 8] * 8}).encode(),
+    "ragged list": json.dumps({"data": [[[0.0] * 8] * 7 + [[0.0] * 3]]}).encode(),
+    "non-numbers": json.dumps({"data": [[["a"] * 8] * 8]}).encode(),
+    "nan": b'{"data": [[' + b",".join([b"[" + b",".join([b"NaN"] * 8) + b"]"] * 8) + b"]]}",
+    "not an image": b"this is plain text, not a digit",
+    "truncated png": None,  # filled in the test from a real PNG
+    "multi-MB noise": os.urandom(3 * 1024 * 1024),
+}
+
+
+def test_each_bad_input_gets_an_error_and_the_server_keeps_serving(server, local):
+    x, _ = digits_samples(4)
+    bodies = dict(BAD_BODIES, **{"truncated png": png_body(x[0])[0][:30]})
+    for name, body in bodies.items():
+        status, reply = server.predict(MODEL, body)
+        assert 400 <= status < 500, (name, status, reply[:200])
+        assert "error" in json.loads(reply), name
+    # bad and good requests sent together (TorchServe batches them): only the bad ones fail
+    results: dict[int, tuple[int, bytes]] = {}
+
+    def send(i: int) -> None:
+        body = json_body(x[i % 4]) if i % 2 == 0 else list(bodies.values())[i % len(bodies)]
+        results[i] = server.predict(MODEL, body)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, (status, body) in results.items():
+        if i % 2 == 0:
+            _assert_matches_local(local, x[i % 4], _reply((status, body)))
+        else:
+            assert 400 <= status < 500, body[:200]
+    assert len(results) == 16
+    status, body = serving._http("GET", server.ports.inference, "/ping", headers=server.inference_headers())
+    assert status == 200 and b"Healthy" in body
+    assert server.model_status(MODEL) == "READY"
+
+
+def test_burst_switches_down_and_light_load_climbs_back(server, local):
+    x, y = digits_samples(64)
+    bodies = [json_body(x[i]) for i in range(len(x))]
+    path, top = f"/predictions/{MODEL}", local.variant_ids[0]
+    headers = server.inference_headers()
+    # the server starts on the most accurate variant (or returns to it within the idle window)
+    deadline = time.monotonic() + 30
+    while _reply(server.predict(MODEL, bodies[0]))["variant"] != top:
+        assert time.monotonic() < deadline, "never on the most accurate variant while idle"
+        time.sleep(0.5)
+    # sustained concurrent burst, in 1 s slices, until a cheaper variant answers (at most 12 s)
+    seen_down = False
+    for _ in range(12):
+        res = run_load(server.ports.inference, path, bodies, concurrency=16, duration_s=1.0, max_requests=5000,
+                       headers=headers, phase="burst")
+        assert res and all(r.status == 200 for r in res), {r.status for r in res}
+        if any(r.variant != top for r in res):
+            seen_down = True
+            break
+    assert seen_down, "the burst never made the handler step down"
+    # light load (3 requests/s) until the most accurate variant answers again (at most 30 s)
+    back = False
+    for _ in range(30):
+        res = run_load(server.ports.inference, path, bodies, concurrency=2, duration_s=1.0, rate=3.0,
+                       headers=headers, phase="idle")
+        if res and res[-1].variant == top:
+            back = True
+            break
+    assert back, "the handler never climbed back to the most accurate variant"
+    switches = read_switches(server)
+    order = local.variant_ids
+    downs = [s for s in switches if order.index(s["to"]) > order.index(s["from"])]
+    ups = [s for s in switches if order.index(s["to"]) < order.index(s["from"])]
+    assert downs and ups and downs[0]["time"] < ups[-1]["time"]
+    assert all(s["reason"] and s["switch_ms"] >= 0 for s in switches)
+    # the custom metrics reach TorchServe's metrics endpoint
+    status, text = serving._http("GET", server.ports.metrics, "/metrics")
+    metrics = text.decode()
+    assert status == 200 and "DNNShifterRequests" in metrics and "DNNShifterSwitches" in metrics
+
+
+def test_corrupt_portfolio_is_refused_with_a_clear_log_line(server, portfolio, store, tmp_path):
+    bad = tmp_path / "bad_portfolio"
+    shutil.copytree(portfolio, bad)
+    victim = bad / "variants" / "level_01.pt2.zst"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    build_archive(bad, "corrupt", store, force=True)
+    status, _ = server.management("POST", "/models?url=corrupt.mar&initial_workers=1&synchronous=true")
+    assert status >= 400
+    deadline = time.monotonic() + 60
+    while server._refusal() is None:
+        assert time.monotonic() < deadline, server.log_text("model_log.log")
+        time.sleep(0.2)
+    line = server._refusal()
+    assert "level_01.pt2.zst" in line and "sha256" in line
+    server.management("DELETE", "/models/corrupt")
+    assert server.model_status("corrupt") is None
+    x, _ = digits_samples(1)
+    assert server.predict(MODEL, json_body(x[0]))[0] == 200  # the good model is unaffected
+
+
+def test_archive_refuses_bad_inputs(portfolio, store, tmp_path):
+    with pytest.raises(ServingError, match="manifest.json"):
+        build_archive(tmp_path, "x", tmp_path / "out")
+    with pytest.raises(ServingError, match="exists"):
+        build_archive(portfolio, MODEL, store)
+    with pytest.raises(ServingError, match="model name"):
+        build_archive(portfolio, "bad name!", tmp_path / "out")
+
+
+def test_missing_java_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
+    with pytest.raises(JavaMissingError, match="openjdk-17-jre-headless"):
+        serving.check_java()
+
+
+def test_serve_command_starts_with_auth_and_stop_command_stops(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("DNNSHIFTER_HOME", str(tmp_path / "home"))
+    ports = {k: serving.free_port() for k in ("inference_port", "management_port", "metrics_port")}
+    info = serving.serve_command(store, MODEL, **ports)
+    try:
+        keys = json.loads(Path(info["key_file"]).read_text())
+        x, _ = digits_samples(1)
+        status, body = serving._http("POST", ports["inference_port"], f"/predictions/{MODEL}", json_body(x[0]),
+                                     {"Authorization": f"Bearer {keys['inference']['key']}"})
+        assert status == 200 and "variant" in json.loads(body)
+        with pytest.raises(SystemExit):  # a second server is refused while one runs
+            serving.serve_command(store, MODEL)
+    finally:
+        assert serving.serve_stop_command() is True
+    assert not (tmp_path / "home" / "serve.json").exists()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            serving._http("GET", ports["inference_port"], "/ping", timeout=2)
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "server still answering after stop"
+        time.sleep(0.2)
