@@ -32,6 +32,7 @@ def plot_portfolio(manifest: dict[str, Any], path: str | os.PathLike[str]) -> Pa
 
         matplotlib.use("Agg")  # no display needed; must precede pyplot
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import EngFormatter
     except ImportError:
         warnings.warn("matplotlib is not installed, skipping portfolio.png "
                       "(pip install 'dnnshifter-lightning[plot]')", stacklevel=2)
@@ -44,7 +45,7 @@ def plot_portfolio(manifest: dict[str, Any], path: str | os.PathLike[str]) -> Pa
         return 0.0 if x is None else 100.0 * x
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
-    panels = [("stored parameters", lambda v: v["params"], lambda s: s.get("params")),
+    panels = [("parameters stored", lambda v: v["params"], lambda s: s.get("params")),
               ("latency, batch 1 (ms)", lambda v: v["latency_ms"]["1"], lambda s: (s.get("latency_ms") or {}).get("1"))]
     for ax, (xlabel, vx, sx) in zip(axes, panels):
         for i, v in enumerate(variants):
@@ -58,11 +59,17 @@ def plot_portfolio(manifest: dict[str, Any], path: str | os.PathLike[str]) -> Pa
             ax.scatter([x_var], [y_var], marker="o", color="tab:blue", s=40, zorder=3,
                        label="pruned variant" if i == 0 else None)
             ax.annotate(f"L{v['level']}", (x_var, y_var), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel + " (log scale)")
+        xs = [x for v in variants for x in (vx(v), sx(v.get("sparse") or {})) if x]
+        if xs and max(xs) / min(xs) > 20:  # log only where it spans orders of magnitude
+            ax.set_xscale("log")
+            xlabel += " (log scale)"
+        if ax is axes[0]:
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 250k, 1.2M
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("validation accuracy (%)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.margins(x=0.08, y=0.12)
+        ax.legend(loc="best", fontsize=8)
     axes[0].set_title("accuracy vs size")
     axes[1].set_title("accuracy vs latency")
     build = manifest.get("build", {})

@@ -185,3 +185,13 @@ def test_plot_skips_with_a_warning_without_matplotlib(built: tuple[Path, dict], 
     with pytest.warns(UserWarning, match="matplotlib is not installed"):
         assert plot_portfolio(built[1], tmp_path / "p.png") is None
     assert not (tmp_path / "p.png").exists()
+
+
+def test_build_with_a_plain_module_loader(level_ckpts: Path, tmp_path: Path) -> None:
+    """Any ``callable(path) -> nn.Module`` works as the loader (here the inner plain nn.Module)."""
+    paths = sorted(level_ckpts.glob("level_*.ckpt"))[-1:]
+    manifest = build_portfolio(paths, lambda p: DigitsClassifier.load_from_checkpoint(p, map_location="cpu").model,
+                               tmp_path, None, DIGITS_INPUT_SPEC, latency_repeats=1, plot=False)
+    (v,) = manifest["variants"]
+    assert v["id"] == "level_02" and v["accuracy"] is None and v["max_abs_diff"] < 1e-3
+    assert not (tmp_path / "portfolio.png").exists()
