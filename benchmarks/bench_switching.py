@@ -238,7 +238,7 @@ def print_table(result: dict[str, Any]) -> None:
         table.add_row(r["variant"], f"{r['raw_bytes'] / 1024:.0f} / {r['compressed_bytes'] / 1024:.0f}",
                       *[f"{r['switch_ms'][c]:.3f}" for c in contenders], f"{r['switch_speedup_vs_a']:.1f}x",
                       f"{r['resident_bytes']['ours'] / 1024:.0f}", f"{r['memory_saving_vs_c']:.2f}x")
-    console = Console()
+    console = Console(width=max(150, Console().width))
     console.print(table)
     s = result["summary"]
     console.print(f"median switch speed-up vs (a) disk: {s['switch_speedup_vs_a_median']:.1f}x "
