@@ -217,8 +217,13 @@ def prune_structurally(model: nn.Module, example_inputs: Any, *, approximate: bo
             + (" ..." if len(log.unsupported) > 8 else ""), stacklevel=2)
 
     work.eval()
-    with torch.no_grad():
-        out_leaves = _tensor_leaves(run(work), "pruned model")
+    try:
+        with torch.no_grad():
+            out_leaves = _tensor_leaves(run(work), "pruned model")
+    except StructuralPruningError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a pruned model that cannot even run is a failed surgery
+        raise StructuralPruningError(f"pruned {type(model).__name__} fails on the example inputs: {exc!r}") from exc
     diff, scale = _compare(ref_leaves, out_leaves)
     lap("verify")
     tolerance = rtol * max(scale, 1e-6)
