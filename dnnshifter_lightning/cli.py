@@ -31,7 +31,7 @@ console = Console()
 
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=1)
 
 
 @app.command()
