@@ -35,6 +35,7 @@ __all__ = [
     "JavaMissingError", "ServingError", "check_java", "free_port", "default_model_config",
     "build_archive", "TorchServeServer", "LoadResult", "run_load",
     "archive_command", "serve_command", "serve_stop_command", "PIN_HEADER", "HANDLER_FILE",
+    "summarize", "read_switches", "run_demo_serving", "json_bodies",
 ]
 
 PIN_HEADER = "X-DNNShifter-Variant"
@@ -66,6 +67,7 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
         "pin_header": PIN_HEADER,
         "profile_batch_sizes": [1, 8],
         "torch_threads": "auto",
+        "log_signals_s": 5.0,
         "policy": {},
     },
 }
@@ -411,6 +413,8 @@ class TorchServeServer:
         self.pid = None
         self._launcher_pgid = None
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "TorchServeServer":
         return self.start()
@@ -462,6 +466,7 @@ class TorchServeServer:
                      ports=state["ports"])
         shutil.rmtree(server.tmpdir, ignore_errors=True)
         server.tmpdir = Path(state["tmpdir"])
+        server._own_workdir = False
         server.pid, server._launcher_pgid = state["pid"], state["pgid"]
         return server
 
@@ -708,3 +713,94 @@ def serve_stop_command(console: Any = None) -> bool:
     state_file.unlink(missing_ok=True)
     console.print("TorchServe stopped" if was_running else "the recorded server had already exited")
     return was_running
+
+
+# -------------------------------------------------------------------------------- the demo
+
+def json_bodies(x: Any) -> list[bytes]:
+    """One ``{"data": ...}`` request body per input of a batch tensor ``x``."""
+    return [json.dumps({"data": row.tolist()}).encode() for row in x]
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *, model_name: str = "digits",
+                     burst_s: float = 8.0, idle_s: float = 20.0, concurrency: int = 16, idle_rate: float = 2.0,
+                     no_auth: bool = True) -> dict[str, Any]:
+    """The serving part of ``dnnshifter demo``: archive, serve with real TorchServe, load it, report.
+
+    Three phases against 127.0.0.1 with the held-out digits as JSON requests: ``light``
+    (``idle_rate`` requests/s for 3 s), ``burst`` (``concurrency`` clients back to back for
+    ``burst_s``), ``idle`` (``idle_rate`` requests/s until the most accurate variant serves again,
+    at least 5 s and at most ``idle_s``). Prints every switch (from, to, when, why) and latency
+    percentiles and accuracy per phase. Returns them as a dict (``{"skipped": why}`` without Java).
+    About 30-60 s including TorchServe's start.
+    """
+    from rich.table import Table
+
+    from .digits import DigitsDataModule
+
+    console = _console(console)
+    try:
+        check_java()
+    except JavaMissingError as exc:
+        console.print(f"[yellow]skipping the TorchServe part of the demo:[/] {exc}")
+        return {"skipped": str(exc)}
+    workdir = Path(workdir)
+    mar = build_archive(Path(portfolio_dir), model_name, workdir / "store", force=True)
+    dm = DigitsDataModule()
+    dm.setup()
+    xs, ys = zip(*[(x, y) for x, y in dm.val_dataloader()])
+    import torch
+
+    x, y = torch.cat(xs), torch.cat(ys)
+    bodies, labels = json_bodies(x), [int(v) for v in y]
+    path = f"/predictions/{model_name}"
+    results: dict[str, list[LoadResult]] = {}
+    console.print(f"[bold]serving {mar.name} with TorchServe[/] (127.0.0.1, {len(bodies)} held-out digits as requests)")
+    with TorchServeServer(mar.parent, {model_name: mar.name}, no_auth=no_auth, workdir=workdir / "torchserve") as ts:
+        top = json.loads(ts.predict(model_name, bodies[0])[1]).get("variant")
+        manifest_ids = [v["id"] for v in json.loads((Path(portfolio_dir) / "manifest.json").read_text())["variants"]]
+        top = manifest_ids[0] if manifest_ids else top
+        wall0, mono0 = time.time(), time.monotonic()
+        hdrs = ts.inference_headers()
+        with console.status("light load: 3 s"):
+            results["light"] = run_load(ts.ports.inference, path, bodies, concurrency=2, rate=idle_rate, duration_s=3.0,
+                                        headers=hdrs, phase="light")
+        with console.status(f"burst: {concurrency} concurrent clients for {burst_s:g} s"):
+            results["burst"] = run_load(ts.ports.inference, path, bodies, concurrency=concurrency, duration_s=burst_s,
+                                        max_requests=200_000, headers=hdrs, phase="burst")
+        results["idle"] = []
+        with console.status("idle: light load until the most accurate variant serves again"):
+            idle_start = time.monotonic()
+            while time.monotonic() - idle_start < idle_s:
+                chunk = run_load(ts.ports.inference, path, bodies, concurrency=2, rate=idle_rate, duration_s=1.0,
+                                 headers=hdrs, phase="idle")
+                results["idle"] += chunk
+                if time.monotonic() - idle_start >= 5.0 and chunk and chunk[-1].variant == top:
+                    break
+        switches = [dict(s, at_s=round(s["time"] - wall0, 3)) for s in read_switches(ts) if s["time"] >= wall0 - 1]
+    phases = {name: summarize(res, labels) for name, res in results.items()}
+    for name, res in results.items():
+        if res:
+            phases[name]["start_s"] = round(res[0].scheduled - mono0, 3)
+
+    table = Table(title="variant switches seen by the handler")
+    for col in ("at (s)", "from", "to", "why", "switch (ms)"):
+        table.add_column(col)
+    for s in switches:
+        table.add_row(f"{s['at_s']:.2f}", s["from"], s["to"], s["reason"], f"{s['switch_ms']:.2f}")
+    console.print(table if switches else "[yellow]no switch happened (the burst did not saturate the server)[/]")
+    table = Table(title="serving per phase (latency from when each request was due)")
+    for col in ("phase", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "req/s", "accuracy", "served by"):
+        table.add_column(col, justify="right" if col not in ("phase", "served by") else "left")
+    for name, p in phases.items():
+        mix = ", ".join(f"{k}: {v}" for k, v in sorted(p["variants"].items()))
+        table.add_row(name, str(p["requests"]), str(p["errors"]), _fmt(p["p50_ms"]), _fmt(p["p90_ms"]),
+                      _fmt(p["p99_ms"]), _fmt(p["throughput_rps"]),
+                      "-" if p["accuracy"] is None else f"{p['accuracy']:.1%}", mix)
+    console.print(table)
+    return {"model": model_name, "archive": str(mar), "phases": phases, "switches": switches,
+            "most_accurate": top, "concurrency": concurrency, "idle_rate": idle_rate}

@@ -214,7 +214,16 @@ class PortfolioHandler(BaseHandler):
             self.policy.observe(len(results), service, pinned_requests=self._pinned[0],
                                 pinned_seconds=min(self._pinned[1], service))
         self._emit(per_variant)
+        self._log_signals()
         return out
+
+    def _log_signals(self) -> None:
+        every = float(self.options.get("log_signals_s") or 0)
+        now = time.monotonic()
+        if every > 0 and now >= getattr(self, "_next_signals_log", 0.0):
+            self._next_signals_log = now + every
+            sig = {k: round(v, 4) for k, v in self.policy.signals().items()}
+            logger.info("DNNSHIFTER_SIGNALS %s", json.dumps({"active": self.runtime.active_id, **sig}))
 
     # ------------------------------------------------------------------ switching and metrics
     def _switch(self, vid: str, reason: str) -> None:
