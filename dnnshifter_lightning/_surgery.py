@@ -152,9 +152,10 @@ class NonzeroMap:
         entry = self._pending.setdefault(id(module), (module, set(), set()))
         entry[1 + axis].update(idxs)
 
-    def commit(self) -> bool:
-        """Applies this pass's removals; True if some channel became all-zero because of them."""
-        new_dead = False
+    def commit(self) -> set[int]:
+        """Applies this pass's removals; returns the ids of modules in which some channel became
+        all-zero because of them (only groups touching those can lose more channels)."""
+        new_dead: set[int] = set()
         for key, (module, rows, cols) in self._pending.items():
             old = self._nz.get(key)
             if old is None:
@@ -167,11 +168,12 @@ class NonzeroMap:
             new = old[keep_r][:, keep_c]
             if new.shape != (module.weight.shape[0], module.weight.shape[1]):
                 del self._nz[key]  # out of step with the module (should not happen): rescan later
-                new_dead = True
+                new_dead.add(key)
                 continue
             self._nz[key] = new
-            new_dead |= bool((~new.any(dim=1) & old.any(dim=1)[keep_r]).any())
-            new_dead |= bool((~new.any(dim=0) & old.any(dim=0)[keep_c]).any())
+            if bool((~new.any(dim=1) & old.any(dim=1)[keep_r]).any()) or bool(
+                    (~new.any(dim=0) & old.any(dim=0)[keep_c]).any()):
+                new_dead.add(key)
         self._pending.clear()
         self._memo.clear()
         return new_dead
@@ -338,6 +340,52 @@ def prune_group(dg, plan: GroupPlan, log: SurgeryLog, nonzero: NonzeroMap) -> in
     dg.get_pruning_group(root_dep.target.module, root_dep.handler, roots).prune(record_history=False)
     log.approx_folds += sum(1 for r in remove.values() if r == FOLDED_APPROX)
     return len(remove)
+
+
+def remove_dead_channels(dg, model: nn.Module, run: Callable[[nn.Module], Any], names: dict, reused: set,
+                         stats: dict | None, approximate: bool, max_passes: int = 6) -> SurgeryLog:
+    """Removes dead channels group by group until none is left (a removal can kill more channels:
+    a filter whose only nonzero weights read removed inputs, say). ``stats`` are the input
+    statistics measured while tracing (valid for the first pass only)."""
+    log, nonzero = SurgeryLog(), NonzeroMap()
+    groups = list(dg.get_all_groups())
+    for _ in range(max_passes):
+        plans, all_requests = [], []
+        for group in groups:
+            members, why, to_output = members_of(dg, group, names)
+            shared = sorted({m.name for m in members if m.name in reused})
+            if shared and why is None:
+                why = f"layer {shared[0]} is called more than once"
+            if why is not None:
+                for m in members:
+                    if m.role in (PRODUCER, DEPTHWISE):
+                        log.unsupported.setdefault(m.name, why)
+                continue
+            if to_output:
+                continue
+            plan, requests, candidates = analyse(group, members, nonzero)
+            plans.append((plan, requests, candidates))
+            all_requests.extend(requests)
+        if all_requests and stats is None:
+            with torch.no_grad():
+                stats = measure_inputs(model, run, [r.module for r in all_requests])
+        folds = []
+        for plan, requests, candidates in plans:
+            folds.extend(decide_constants(plan, requests, candidates, stats or {}, approximate))
+        apply_folds(folds)
+        removed_now = sum(prune_group(dg, plan, log, nonzero) for plan, _, _ in plans)
+        stats = None  # channel indices moved: measure again if a later pass needs values
+        log.passes.append(removed_now)
+        affected = nonzero.commit()
+        if removed_now == 0 or not affected:
+            break
+        groups = []
+        for plan, _, _ in plans:
+            if any(id(m.module) in affected for m in plan.members):
+                root = plan.group[0].dep
+                size = dg.get_out_channels(root.target.module)
+                groups.append(dg.get_pruning_group(root.target.module, root.handler, list(range(size))))
+    return log
 
 
 def fuse_batchnorms(dg, model: nn.Module) -> int:

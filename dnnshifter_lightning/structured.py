@@ -45,9 +45,6 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = ["prune_structurally", "PruneResult", "StructuralPruningError"]
 
-_MAX_PASSES = 6
-
-
 class StructuralPruningError(RuntimeError):
     """The model could not be pruned exactly: it could not be analysed, or the pruned model's outputs
     differ from the sparse model's beyond the tolerance."""
@@ -169,38 +166,8 @@ def prune_structurally(model: nn.Module, example_inputs: Any, *, approximate: bo
     reused = {n for n, c in counts.items() if c > 1}
     lap("trace")
 
-    log = surgery.SurgeryLog()
-    nonzero = surgery.NonzeroMap()
     try:
-        for _ in range(_MAX_PASSES):
-            plans, all_requests = [], []
-            for group in dg.get_all_groups():
-                members, why, to_output = surgery.members_of(dg, group, names)
-                shared = sorted({m.name for m in members if m.name in reused})
-                if shared and why is None:
-                    why = f"layer {shared[0]} is called more than once"
-                if why is not None:
-                    for m in members:
-                        if m.role in (surgery.PRODUCER, surgery.DEPTHWISE):
-                            log.unsupported.setdefault(m.name, why)
-                    continue
-                if to_output:
-                    continue
-                plan, requests, candidates = surgery.analyse(group, members, nonzero)
-                plans.append((plan, requests, candidates))
-                all_requests.extend(requests)
-            if all_requests and stats is None:
-                with torch.no_grad():
-                    stats = surgery.measure_inputs(work, run, [r.module for r in all_requests])
-            folds = []
-            for plan, requests, candidates in plans:
-                folds.extend(surgery.decide_constants(plan, requests, candidates, stats, approximate))
-            surgery.apply_folds(folds)
-            removed_now = sum(surgery.prune_group(dg, plan, log, nonzero) for plan, _, _ in plans)
-            stats = None  # channel indices moved: measure again if a later pass needs values
-            log.passes.append(removed_now)
-            if removed_now == 0 or not nonzero.commit():
-                break
+        log = surgery.remove_dead_channels(dg, work, run, names, reused, stats, approximate)
         lap("surgery")
         if fuse_bn:
             surgery.fuse_batchnorms(dg, work)
