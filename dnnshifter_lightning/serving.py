@@ -502,7 +502,8 @@ def run_load(port: int, path: str, bodies: Sequence[bytes], *, concurrency: int 
     Closed loop (``rate=None``): ``concurrency`` clients send back to back, a saturating burst.
     Open loop (``rate`` per second): requests are due at fixed intervals and sent by at most
     ``concurrency`` clients; latency counts from when a request was due, so a server that falls
-    behind shows it (no coordinated omission). Bodies are used round robin. Loopback only.
+    behind shows it (no coordinated omission); requests still unsent ``max(1, duration_s/2)`` s
+    after the end are dropped and recorded with status 0. Bodies are used round robin. Loopback only.
 
     >>> res = run_load(8080, "/predictions/digits", [b'{"data": ...}'], rate=2, duration_s=3)  # doctest: +SKIP
     """
@@ -512,6 +513,7 @@ def run_load(port: int, path: str, bodies: Sequence[bytes], *, concurrency: int 
         raise ValueError("run_load: rate must be in (0, 10000] requests per second")
     start = time.monotonic()
     deadline = start + duration_s
+    hard_deadline = deadline + max(1.0, 0.5 * duration_s)
     results: list[LoadResult] = []
     lock = threading.Lock()
     counter = iter(range(max_requests))
@@ -529,6 +531,10 @@ def run_load(port: int, path: str, bodies: Sequence[bytes], *, concurrency: int 
                 due = start + i / rate if rate else time.monotonic()
                 if due >= deadline:
                     return
+                if time.monotonic() > hard_deadline:  # too far behind: the rest is dropped, not sent late
+                    with lock:
+                        results.append(LoadResult(due, hard_deadline - due, 0, i % len(bodies), phase=phase))
+                    continue
                 if rate:
                     time.sleep(max(0.0, due - time.monotonic()))
                 body = bodies[i % len(bodies)]
@@ -728,7 +734,7 @@ def _fmt(v: Any) -> str:
 
 def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *, model_name: str = "digits",
                      burst_s: float = 8.0, idle_s: float = 20.0, concurrency: int = 16, idle_rate: float = 2.0,
-                     no_auth: bool = True) -> dict[str, Any]:
+                     no_auth: bool = True, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The serving part of ``dnnshifter demo``: archive, serve with real TorchServe, load it, report.
 
     Three phases against 127.0.0.1 with the held-out digits as JSON requests: ``light``
@@ -736,6 +742,7 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     ``burst_s``), ``idle`` (``idle_rate`` requests/s until the most accurate variant serves again,
     at least 5 s and at most ``idle_s``). Prints every switch (from, to, when, why) and latency
     percentiles and accuracy per phase. Returns them as a dict (``{"skipped": why}`` without Java).
+    ``config`` overrides the archive's model-config (e.g. ``{"handler": {"policy": {...}}}``).
     About 30-60 s including TorchServe's start.
     """
     from rich.table import Table
@@ -749,7 +756,7 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
         console.print(f"[yellow]skipping the TorchServe part of the demo:[/] {exc}")
         return {"skipped": str(exc)}
     workdir = Path(workdir)
-    mar = build_archive(Path(portfolio_dir), model_name, workdir / "store", force=True)
+    mar = build_archive(Path(portfolio_dir), model_name, workdir / "store", config=config, force=True)
     dm = DigitsDataModule()
     dm.setup()
     xs, ys = zip(*[(x, y) for x, y in dm.val_dataloader()])
