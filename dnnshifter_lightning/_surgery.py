@@ -35,6 +35,7 @@ OPTYPE = tp.ops.OPTYPE
 CONSUMER, PRODUCER, DEPTHWISE, PASS, OUTPUT, UNSUPPORTED = "consumer", "producer", "depthwise", "pass", "output", "unsupported"
 
 UNREAD, ZERO_CONSTANT, FOLDED, FOLDED_APPROX = "unread", "zero_constant", "folded", "folded_approx"
+ZERO_FILTER_DROPPED = "zero_filter_dropped"  # DNNShifter's rule, for comparison only
 
 # Autograd ops that act on each channel separately, so a channel's value after them depends only on
 # the same channel before them. Anything not listed here (permute, transpose, softmax over channels,
@@ -206,9 +207,11 @@ class _Request:
     root: int
 
 
-def analyse(group, members: list[_Member], nonzero: NonzeroMap) -> tuple[GroupPlan, list[_Request], torch.Tensor]:
+def analyse(group, members: list[_Member], nonzero: NonzeroMap,
+            mode: str = "exact") -> tuple[GroupPlan, list[_Request], torch.Tensor]:
     """Classify every root channel of ``group``; returns the plan for unread channels, the constant
-    candidates' requests and the candidate mask."""
+    candidates' requests and the candidate mask. ``mode="dnnshifter"`` reproduces DNNShifter's rule
+    instead (benchmarks only): drop every channel whose filters are all zero, fold nothing."""
     n = len(group[0].idxs)
     live_read = torch.zeros(n, dtype=torch.long)
     has_consumer = torch.zeros(n, dtype=torch.bool)
@@ -226,6 +229,10 @@ def analyse(group, members: list[_Member], nonzero: NonzeroMap) -> tuple[GroupPl
             live_write.index_add_(0, m.roots, live)
             has_producer[m.roots] = True
     plan = GroupPlan(group, members)
+    if mode == "dnnshifter":
+        for r in torch.nonzero(has_consumer & has_producer & (live_write == 0)).flatten().tolist():
+            plan.remove[r] = ZERO_FILTER_DROPPED
+        return plan, [], torch.zeros(n, dtype=torch.bool)
     for r in torch.nonzero(has_consumer & (live_read == 0)).flatten().tolist():
         plan.remove[r] = UNREAD
     candidates = has_consumer & (live_read > 0) & has_producer & (live_write == 0)
@@ -338,15 +345,19 @@ def prune_group(dg, plan: GroupPlan, log: SurgeryLog, nonzero: NonzeroMap) -> in
                 log.removed_reasons[m.name][remove[root]] += 1
     root_dep = plan.group[0].dep
     dg.get_pruning_group(root_dep.target.module, root_dep.handler, roots).prune(record_history=False)
-    log.approx_folds += sum(1 for r in remove.values() if r == FOLDED_APPROX)
+    log.approx_folds += sum(1 for r in remove.values() if r in (FOLDED_APPROX, ZERO_FILTER_DROPPED))
     return len(remove)
 
 
 def remove_dead_channels(dg, model: nn.Module, run: Callable[[nn.Module], Any], names: dict, reused: set,
-                         stats: dict | None, approximate: bool, max_passes: int = 6) -> SurgeryLog:
+                         stats: dict | None, mode: str = "exact", max_passes: int = 6) -> SurgeryLog:
     """Removes dead channels group by group until none is left (a removal can kill more channels:
     a filter whose only nonzero weights read removed inputs, say). ``stats`` are the input
-    statistics measured while tracing (valid for the first pass only)."""
+    statistics measured while tracing (valid for the first pass only). ``mode`` is ``"exact"``,
+    ``"approximate"`` or ``"dnnshifter"`` (see :func:`analyse`)."""
+    approximate = mode == "approximate"
+    if mode == "dnnshifter":
+        max_passes = 1
     log, nonzero = SurgeryLog(), NonzeroMap()
     groups = list(dg.get_all_groups())
     for _ in range(max_passes):
@@ -363,7 +374,7 @@ def remove_dead_channels(dg, model: nn.Module, run: Callable[[nn.Module], Any], 
                 continue
             if to_output:
                 continue
-            plan, requests, candidates = analyse(group, members, nonzero)
+            plan, requests, candidates = analyse(group, members, nonzero, mode)
             plans.append((plan, requests, candidates))
             all_requests.extend(requests)
         if all_requests and stats is None:

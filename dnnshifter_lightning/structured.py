@@ -115,6 +115,12 @@ def prune_structurally(model: nn.Module, example_inputs: Any, *, approximate: bo
         >>> res.removed["layers.0.conv1"]["after"]
         8
     """
+    return _prune(model, example_inputs, mode="approximate" if approximate else "exact", fuse_bn=fuse_bn, rtol=rtol)
+
+
+def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, rtol: float) -> PruneResult:
+    """:func:`prune_structurally` with ``mode`` ``"exact"``, ``"approximate"`` or ``"dnnshifter"``
+    (DNNShifter's rule, which may change the function: for the benchmark's comparison only)."""
     from . import _surgery as surgery  # imports torch_pruning lazily: only needed here
 
     start = time.perf_counter()
@@ -167,7 +173,7 @@ def prune_structurally(model: nn.Module, example_inputs: Any, *, approximate: bo
     lap("trace")
 
     try:
-        log = surgery.remove_dead_channels(dg, work, run, names, reused, stats, approximate)
+        log = surgery.remove_dead_channels(dg, work, run, names, reused, stats, mode)
         lap("surgery")
         if fuse_bn:
             surgery.fuse_batchnorms(dg, work)
@@ -195,7 +201,7 @@ def prune_structurally(model: nn.Module, example_inputs: Any, *, approximate: bo
     lap("verify")
     tolerance = rtol * max(scale, 1e-6)
     approx_error = None
-    if approximate and log.approx_folds:
+    if mode != "exact" and log.approx_folds:
         approx_error = diff
     elif diff > tolerance:
         raise StructuralPruningError(
