@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+from http import HTTPStatus
 import logging
 import math
 import os
@@ -71,8 +72,13 @@ class PortfolioHandler(BaseHandler):
         self.color = spec.get("color") or {1: "L", 3: "RGB", 4: "RGBA"}.get(self.shape[0], "L")
         self.pin_header = str(opts["pin_header"]).lower()
         self.switch_count, self.last_switch_ms = 0, math.nan
-        self.policy = LoadPolicy(self.runtime.variant_ids, self._profiles(props), config=self._policy_config(),
-                                 max_batch_size=int(props.get("batch_size") or 1))
+        try:
+            config = self._policy_config()
+            self.policy = LoadPolicy(self.runtime.variant_ids, self._profiles(props), config=config,
+                                     max_batch_size=int(props.get("batch_size") or 1))
+        except ValueError as exc:
+            logger.error("DNNSHIFTER_REFUSED bad handler options in model-config.yaml: %s", exc)
+            raise
         self._switch(self.policy.active_id, "initial choice")
         self.initialized = True
 
@@ -199,7 +205,7 @@ class PortfolioHandler(BaseHandler):
         out, per_variant = [], {}
         for idx, res in enumerate(results):
             if isinstance(res, dict):
-                self.context.set_response_status(res["status"], "Bad Request", idx)
+                self.context.set_response_status(res["status"], HTTPStatus(res["status"]).phrase, idx)
                 self.context.set_response_content_type(idx, "application/json")
                 out.append(json.dumps({"error": res["error"], "code": res["status"]}))
                 continue
