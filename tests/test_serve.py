@@ -217,6 +217,20 @@ def test_corrupt_portfolio_is_refused_with_a_clear_log_line(server, portfolio, s
     assert server.predict(MODEL, json_body(x[0]))[0] == 200  # the good model is unaffected
 
 
+def test_fixed_variant_from_archive_config(server, portfolio, store, local):
+    build_archive(portfolio, "fixed", store, config={"handler": {"fixed_variant": local.variant_ids[-1]}}, force=True)
+    status, body = server.management("POST", "/models?url=fixed.mar&initial_workers=1&synchronous=true")
+    assert status == 200, body
+    try:
+        x, _ = digits_samples(4)
+        for i in range(4):
+            reply = _reply(server.predict("fixed", json_body(x[i])))
+            assert reply["variant"] == local.variant_ids[-1]
+            _assert_matches_local(local, x[i], reply)
+    finally:
+        server.management("DELETE", "/models/fixed")
+
+
 def test_archive_refuses_bad_inputs(portfolio, store, tmp_path):
     with pytest.raises(ServingError, match="manifest.json"):
         build_archive(tmp_path, "x", tmp_path / "out")
