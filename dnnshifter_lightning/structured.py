@@ -173,7 +173,7 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
     lap("trace")
 
     try:
-        log = surgery.remove_dead_channels(dg, work, run, names, reused, stats, mode)
+        log = surgery.remove_dead_channels(dg, work, names, reused, stats, mode)
         lap("surgery")
         if fuse_bn:
             surgery.fuse_batchnorms(dg, work)
