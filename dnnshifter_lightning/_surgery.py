@@ -20,6 +20,7 @@ channels are dead, and what to fold into biases before slicing, is decided here,
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -73,6 +74,12 @@ class SurgeryLog:
     unsupported: dict[str, str] = field(default_factory=dict)  # layer name -> why its channels were kept
     approx_folds: int = 0
     passes: list[int] = field(default_factory=list)  # channels removed per pass
+    timings: Counter = field(default_factory=Counter)  # seconds per stage, summed over passes
+
+    def lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[stage] += now - since
+        return now
 
 
 def _op_name(node) -> str:
@@ -389,11 +396,14 @@ def remove_dead_channels(dg, model: nn.Module, names: dict, reused: set,
     if mode == "dnnshifter":
         max_passes = 1
     log, nonzero = SurgeryLog(), NonzeroMap()
+    t = time.perf_counter()
     groups = list(dg.get_all_groups())
+    t = log.lap("groups", t)
     for _ in range(max_passes):
         plans, all_requests = [], []
         for group in groups:
             members, why, to_output = members_of(dg, group, names)
+            t = log.lap("members", t)
             shared = sorted({m.name for m in members if m.name in reused})
             if shared and why is None:
                 why = f"layer {shared[0]} is called more than once"
@@ -407,15 +417,20 @@ def remove_dead_channels(dg, model: nn.Module, names: dict, reused: set,
             plan, requests, candidates = analyse(group, members, nonzero, mode)
             plans.append((plan, requests, candidates))
             all_requests.extend(requests)
+            t = log.lap("analyse", t)
         # Values of the channels that stay never change (that is the point), so the statistics
         # measured while tracing serve every pass, looked up by each input's index at trace time.
         folds = []
         for plan, requests, candidates in plans:
             folds.extend(decide_constants(plan, requests, candidates, stats, approximate, nonzero))
+        t = log.lap("decide", t)
         apply_folds(folds)
+        t = log.lap("fold", t)
         removed_now = sum(prune_group(dg, plan, log, nonzero) for plan, _, _ in plans)
+        t = log.lap("slice", t)
         log.passes.append(removed_now)
         affected = nonzero.commit()
+        t = log.lap("commit", t)
         if removed_now == 0 or not affected:
             break
         groups = []
@@ -424,6 +439,7 @@ def remove_dead_channels(dg, model: nn.Module, names: dict, reused: set,
                 root = plan.group[0].dep
                 size = dg.get_out_channels(root.target.module)
                 groups.append(dg.get_pruning_group(root.target.module, root.handler, list(range(size))))
+        t = log.lap("groups", t)
     return log
 
 

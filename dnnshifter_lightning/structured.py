@@ -217,7 +217,7 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
         model=work, params_before=params_before, params_after=_count_params(work), removed=removed,
         seconds=time.perf_counter() - start, max_abs_diff=diff, approx_error=approx_error,
         tolerance=tolerance, output_scale=scale, kept_unsupported=dict(log.unsupported),
-        passes=list(log.passes), timings=timings)
+        passes=list(log.passes), timings={**timings, **{f"surgery.{k}": v for k, v in log.timings.items()}})
 
 
 def _is_lightning(model: nn.Module) -> bool:

@@ -269,3 +269,19 @@ def test_lightning_module_trained_then_zeroed_keeps_every_prediction() -> None:
     assert result.params_after < result.params_before
     with torch.no_grad():
         assert torch.equal(result.model(x).argmax(1), module(x).argmax(1))
+
+
+def test_concat_branch_channel_goes_at_its_offset_and_residual_stream_stays_coupled() -> None:
+    torch.manual_seed(0)
+    net = imp_like(TwoBranchNet(), sparsity=0.0, filter_frac=0.0, slice_frac=0.0)
+    with torch.no_grad():
+        net.branch_b[0].weight[5] = 0  # concat channel 12 + 5
+        net.branch_b[1].bias[5], net.branch_b[1].running_mean[5] = -1.0, 0.0
+        net.stem[0].weight[3] = 0  # residual stream channel 3: the stem writes nothing ...
+        net.stem[1].bias[3], net.stem[1].running_mean[3] = -1.0, 0.0  # ... ReLU gives 0 ...
+        # ... but merge still writes channel 3 of the stream, so it must stay everywhere
+    result = prune_structurally(net, torch.randn(2, 3, 16, 16))
+    assert result.model.branch_b[0].out_channels == 19
+    assert result.model.merge[0].in_channels == 31
+    assert result.model.stem[0].out_channels == 16 and result.model.depthwise[0].groups == 16
+    assert_same_function(net, result, torch.randn(3, 3, 16, 16))
