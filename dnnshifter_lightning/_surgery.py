@@ -29,7 +29,6 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 OPTYPE = tp.ops.OPTYPE
 
@@ -441,31 +440,3 @@ def remove_dead_channels(dg, model: nn.Module, names: dict, reused: set,
                 groups.append(dg.get_pruning_group(root.target.module, root.handler, list(range(size))))
         t = log.lap("groups", t)
     return log
-
-
-def fuse_batchnorms(dg, model: nn.Module) -> int:
-    """Folds every BN that directly follows a conv or Linear (and is its only reader) into it."""
-    names = {m: n for n, m in model.named_modules()}
-    fused = 0
-    for module, node in list(dg.module2node.items()):
-        if node.type != OPTYPE.BN or len(node.inputs) != 1 or not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        src = node.inputs[0]
-        layer = src.module
-        if src.type not in (OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.LINEAR) or len(src.outputs) != 1:
-            continue
-        if module not in names or layer not in names or not module.track_running_stats or module.running_mean is None:
-            continue
-        if isinstance(layer, _ConvNd) and layer.transposed:
-            continue
-        new_layer = fuse_linear_bn_eval(layer, module) if isinstance(layer, nn.Linear) else fuse_conv_bn_eval(layer, module)
-        _set_submodule(model, names[layer], new_layer)
-        _set_submodule(model, names[module], nn.Identity())
-        fused += 1
-    return fused
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)

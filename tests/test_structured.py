@@ -88,7 +88,7 @@ ARCHITECTURES = {
     "cifar_resnet56": (lambda: cifar_resnet(56), (3, 32, 32)),
     "vgg16_bn": (_vgg16_bn_small_head, (3, 32, 32)),
     "resnet18": (lambda: torchvision.models.resnet18(weights=None), (3, 64, 64)),
-    "resnet50": (lambda: torchvision.models.resnet50(weights=None), (3, 64, 64)),
+    "resnet50": (lambda: torchvision.models.resnet50(weights=None), (3, 32, 32)),  # 32x32 keeps it fast
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None), (3, 64, 64)),
     "custom_two_branch": (TwoBranchNet, (3, 16, 16)),
 }
