@@ -277,3 +277,20 @@ def test_failed_switch_sync_and_cached_decision_not_repeated():
     assert again.variant_id == first.variant_id and not again.switched
     policy.sync("v0")  # the runtime could not inflate it
     assert policy.active_id == "v0"
+
+
+def test_pareto_variants_drop_dominated_variants():
+    from dnnshifter_lightning.policy import pareto_variants
+
+    variants = [
+        {"id": "l13", "accuracy": 0.9972, "macs": 24},   # most accurate and cheapest: dominates the dense ones
+        {"id": "l05", "accuracy": 0.9972, "macs": 37},
+        {"id": "l11", "accuracy": 0.9944, "macs": 28},
+        {"id": "l16", "accuracy": 0.9861, "macs": 9},    # less accurate but cheaper: a real step down
+        {"id": "l00", "accuracy": 0.9721, "macs": 37},
+        {"id": "new", "accuracy": None, "macs": 5},      # nothing measured: kept
+    ]
+    assert pareto_variants(variants) == ["l13", "l16", "new"]
+    assert pareto_variants(variants, keep=["l00"]) == ["l13", "l16", "l00", "new"]
+    # equal on both axes: neither dominates the other
+    assert pareto_variants([{"id": "a", "accuracy": 0.9, "macs": 3}, {"id": "b", "accuracy": 0.9, "macs": 3}]) == ["a", "b"]
