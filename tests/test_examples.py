@@ -85,6 +85,18 @@ def test_paper_config_parses_to_the_papers_setup(tmp_path: Path) -> None:
     assert opt_cfg["lr_scheduler"]["interval"] == "epoch"
 
 
+def test_command_line_overrides_the_config_imp_settings(tmp_path: Path) -> None:
+    """IMP is the last callback in the configs, so --trainer.callbacks.NAME reaches it."""
+    cifar10 = _load_example("cifar10")
+    cli = cifar10.main(["--config", str(CONFIGS / "cifar10_vgg16.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                        "--trainer.callbacks.levels", "3", "--trainer.callbacks.rewind_to", "1ep",
+                        "--trainer.max_epochs", "640", "--model.width_mult", "0.25"], run=False)
+    imp = _callbacks(cli, "IterativeMagnitudePruning")
+    assert (imp.levels, imp.epochs_per_level, imp.rewind_amount, imp.rewind_unit) == (3, 160, 1, "ep")
+    assert cli.trainer.max_epochs == imp.total_epochs == 640
+    _callbacks(cli, "PortfolioBuilder")
+
+
 @pytest.mark.parametrize("script,config,arch,levels,epochs", [
     ("cifar10", "cifar10_resnet20.yaml", "resnet20", 25, 160),
     ("imagenet", "imagenet_resnet50.yaml", "resnet50", 5, 90),
