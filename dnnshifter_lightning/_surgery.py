@@ -132,69 +132,56 @@ def _role(dg, dep) -> tuple[str, str]:
 class NonzeroMap:
     """For each conv/Linear, which (output, input) channel pairs hold a nonzero weight.
 
-    Built with one scan per weight and then sliced in step with the surgery, so later passes (which
-    look for channels that died because their only readers or writers went) need no new scan.
+    Built with one scan per weight. Removals stay virtual until the end (removed rows and columns
+    are masked out), so the cascade of channels that die because their only readers or writers
+    went is found without slicing or re-scanning anything; each layer is sliced once.
     """
 
     def __init__(self) -> None:
         self._nz: dict[int, torch.Tensor] = {}
-        self._pending: dict[int, tuple[nn.Module, set, set]] = {}
+        self._gone: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # removed (rows, columns)
         self._memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._inputs: dict[int, list[int]] = {}  # current input channel -> channel when traced
+        self._pending: dict[int, tuple[nn.Module, list, list]] = {}
 
     def _pairs(self, module: nn.Module) -> torch.Tensor:
         if id(module) not in self._nz:
             w = module.weight.detach()
             # uint8 + amax: bool .any(dim) is an order of magnitude slower on CPU
             self._nz[id(module)] = w.ne(0).view(torch.uint8).reshape(w.shape[0], w.shape[1], -1).amax(dim=2)
-            self._inputs[id(module)] = list(range(w.shape[1]))
+            self._gone[id(module)] = (torch.zeros(w.shape[0], dtype=torch.bool), torch.zeros(w.shape[1], dtype=torch.bool))
         return self._nz[id(module)]
 
-    def traced_input(self, module: nn.Module, idx: int) -> int | None:
-        """The index that input channel ``idx`` of ``module`` had when the model was traced."""
-        index = self._inputs.get(id(module))
-        return None if index is None else index[idx]
-
     def zero_slices(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Booleans per channel: (input slice all zero, output filter all zero)."""
+        """Booleans per channel: (input slice all zero, output filter all zero), ignoring the
+        weights of removed outputs and removed inputs."""
         if id(module) not in self._memo:
             pairs = self._pairs(module)
+            rows, cols = self._gone[id(module)]
+            pairs = pairs.masked_fill(rows[:, None], 0).masked_fill(cols[None, :], 0)
             self._memo[id(module)] = (pairs.amax(dim=0) == 0, pairs.amax(dim=1) == 0)
         return self._memo[id(module)]
 
     def record(self, module: nn.Module, axis: int, idxs: list[int]) -> None:
-        """Channels removed this pass, in the coordinates the pass started with."""
-        entry = self._pending.setdefault(id(module), (module, set(), set()))
-        entry[1 + axis].update(idxs)
+        """Marks channels as removed (axis 0: outputs, 1: inputs); takes effect at :meth:`commit`."""
+        entry = self._pending.setdefault(id(module), (module, [], []))
+        entry[1 + axis].extend(idxs)
 
     def commit(self) -> set[int]:
-        """Applies this pass's removals; returns the ids of modules in which some channel became
-        all-zero because of them (only groups touching those can lose more channels)."""
+        """Applies the recorded removals; returns the ids of modules in which some remaining
+        channel became all-zero because of them (only groups touching those can lose more)."""
         new_dead: set[int] = set()
         for key, (module, rows, cols) in self._pending.items():
-            old = self._nz.get(key)
-            if old is None:
-                continue
-            keep_r = torch.ones(old.shape[0], dtype=torch.bool)
-            keep_r[list(rows)] = False
-            keep_c = torch.ones(old.shape[1], dtype=torch.bool)
-            if old.shape[1] > 1 or not cols:
-                keep_c[list(cols)] = False
-            new = old[keep_r][:, keep_c]
-            if new.shape != (module.weight.shape[0], module.weight.shape[1]):
-                del self._nz[key]  # out of step with the module (should not happen): rescan later
-                self._inputs.pop(key, None)
-                new_dead.add(key)
-                continue
-            self._nz[key] = new
-            if old.shape[1] > 1:
-                self._inputs[key] = [i for i, k in zip(self._inputs[key], keep_c.tolist()) if k]
-            dead_rows = (new.amax(dim=1) == 0) & (old.amax(dim=1)[keep_r] > 0)
-            dead_cols = (new.amax(dim=0) == 0) & (old.amax(dim=0)[keep_c] > 0)
-            if int(dead_rows.sum()) or int(dead_cols.sum()):
+            self._pairs(module)
+            before_in, before_out = self.zero_slices(module)
+            gone_rows, gone_cols = self._gone[key]
+            gone_rows[rows] = True
+            if gone_cols.numel() > 1:  # a depthwise conv's single input column is never removed
+                gone_cols[cols] = True
+            self._memo.pop(key, None)
+            after_in, after_out = self.zero_slices(module)
+            if int((after_in & ~before_in & ~gone_cols).sum()) or int((after_out & ~before_out & ~gone_rows).sum()):
                 new_dead.add(key)
         self._pending.clear()
-        self._memo.clear()
         return new_dead
 
 
@@ -226,8 +213,8 @@ class _Request:
     root: int
 
 
-def analyse(group, members: list[_Member], nonzero: NonzeroMap,
-            mode: str = "exact") -> tuple[GroupPlan, list[_Request], torch.Tensor]:
+def analyse(group, members: list[_Member], nonzero: NonzeroMap, mode: str = "exact",
+            gone: torch.Tensor | None = None) -> tuple[GroupPlan, list[_Request], torch.Tensor]:
     """Classify every root channel of ``group``; returns the plan for unread channels, the constant
     candidates' requests and the candidate mask. ``mode="dnnshifter"`` reproduces DNNShifter's rule
     instead (benchmarks only): drop every channel whose filters are all zero, fold nothing."""
@@ -248,6 +235,8 @@ def analyse(group, members: list[_Member], nonzero: NonzeroMap,
             live_write.index_add_(0, m.roots, live)
             has_producer[m.roots] = True
     plan = GroupPlan(group, members)
+    if gone is not None:  # channels an earlier round already removed
+        has_consumer &= ~gone
     if mode == "dnnshifter":
         for r in torch.nonzero(has_consumer & has_producer & (live_write == 0)).flatten().tolist():
             plan.remove[r] = ZERO_FILTER_DROPPED
@@ -301,21 +290,20 @@ def _absorbs_exactly(module: nn.Module) -> bool:
 
 
 def decide_constants(plan: GroupPlan, requests: list[_Request], candidates: torch.Tensor, stats: dict,
-                     approximate: bool, nonzero: NonzeroMap) -> list[tuple[nn.Module, int, float]]:
+                     approximate: bool) -> list[tuple[nn.Module, int, float, int]]:
     """Adds constant channels that can go to ``plan.remove``; returns the bias folds they need."""
     by_root: dict[int, list[_Request]] = defaultdict(list)
     for req in requests:
         by_root[req.root].append(req)
-    folds: list[tuple[nn.Module, int, float]] = []
+    folds: list[tuple[nn.Module, int, float, int]] = []
     for root in torch.nonzero(candidates).flatten().tolist():
         reason, pending = ZERO_CONSTANT, []
         for req in by_root.get(root, []):
-            traced = nonzero.traced_input(req.module, req.idx)
-            if id(req.module) not in stats or traced is None:
+            if id(req.module) not in stats:
                 reason = None  # no measurement for this input: keep the channel
                 break
             lo, hi = _as_lists(stats, id(req.module))
-            lo, hi = lo[traced], hi[traced]
+            lo, hi = lo[req.idx], hi[req.idx]  # nothing is sliced before the end: trace-time indices
             if lo == hi == 0.0:
                 continue
             if hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi)):
@@ -328,7 +316,7 @@ def decide_constants(plan: GroupPlan, requests: list[_Request], candidates: torc
             else:
                 reason = None
                 break
-            pending.append((req.module, req.idx, 0.5 * (lo + hi)))
+            pending.append((req.module, req.idx, 0.5 * (lo + hi), root))
         if reason is not None:
             plan.remove[root] = reason
             folds.extend(pending)
@@ -343,10 +331,10 @@ def _as_lists(stats: dict, key: int) -> tuple[list[float], list[float]]:
     return entry
 
 
-def apply_folds(folds: list[tuple[nn.Module, int, float]]) -> None:
+def apply_folds(folds: list[tuple[nn.Module, int, float, int]]) -> None:
     """Adds ``value * (weights reading idx)`` to each consumer's bias (before that input is sliced)."""
     by_module: dict[int, tuple[nn.Module, list[int], list[float]]] = {}
-    for module, idx, value in folds:
+    for module, idx, value, _ in folds:
         entry = by_module.setdefault(id(module), (module, [], []))
         entry[1].append(idx)
         entry[2].append(value)
@@ -360,83 +348,85 @@ def apply_folds(folds: list[tuple[nn.Module, int, float]]) -> None:
             module.bias.add_(delta)
 
 
-def prune_group(dg, plan: GroupPlan, log: SurgeryLog, nonzero: NonzeroMap) -> int:
-    """Slices the chosen channels out of every member of the group; returns how many went."""
-    n = len(plan.group[0].idxs)
-    remove = dict(plan.remove)
-    if len(remove) >= n:  # never empty a layer: keep one channel (the network's output is then constant)
-        remove.pop(min(remove))
-    if not remove:
-        return 0
-    roots = sorted(remove)
-    gone = torch.zeros(n, dtype=torch.bool)
-    gone[roots] = True
+def _mark_removed(plan: GroupPlan, new: dict[int, str], nonzero: NonzeroMap) -> None:
+    gone = torch.zeros(len(plan.group[0].idxs), dtype=torch.bool)
+    gone[list(new)] = True
     for m in plan.members:
-        if m.role not in (PRODUCER, DEPTHWISE, CONSUMER):
-            continue
-        sel = gone[m.roots]
-        nonzero.record(m.module, 1 if m.role == CONSUMER else 0, m.idxs[sel].tolist())
-        if m.role != CONSUMER:
-            for root in m.roots[sel].tolist():
-                log.removed_reasons[m.name][remove[root]] += 1
+        if m.role in (PRODUCER, DEPTHWISE, CONSUMER):
+            nonzero.record(m.module, 1 if m.role == CONSUMER else 0, m.idxs[gone[m.roots]].tolist())
+    plan.remove.update(new)
+
+
+def _slice(dg, plan: GroupPlan, log: SurgeryLog) -> None:
+    """Slices the group's removed channels out of every member (Torch-Pruning), once."""
+    for m in plan.members:
+        if m.role in (PRODUCER, DEPTHWISE):
+            for root in m.roots.tolist():
+                if root in plan.remove:
+                    log.removed_reasons[m.name][plan.remove[root]] += 1
     root_dep = plan.group[0].dep
-    dg.get_pruning_group(root_dep.target.module, root_dep.handler, roots).prune(record_history=False)
-    log.approx_folds += sum(1 for r in remove.values() if r in (FOLDED_APPROX, ZERO_FILTER_DROPPED))
-    return len(remove)
+    dg.get_pruning_group(root_dep.target.module, root_dep.handler, sorted(plan.remove)).prune(record_history=False)
+    log.approx_folds += sum(1 for r in plan.remove.values() if r in (FOLDED_APPROX, ZERO_FILTER_DROPPED))
 
 
 def remove_dead_channels(dg, model: nn.Module, names: dict, reused: set,
-                         stats: dict, mode: str = "exact", max_passes: int = 6) -> SurgeryLog:
-    """Removes dead channels group by group until none is left (a removal can kill more channels:
-    a filter whose only nonzero weights read removed inputs, say). ``stats`` are the input
-    statistics of every conv/Linear measured while tracing. ``mode`` is ``"exact"``,
-    ``"approximate"`` or ``"dnnshifter"`` (see :func:`analyse`)."""
+                         stats: dict, mode: str = "exact", max_rounds: int = 10) -> SurgeryLog:
+    """Removes dead channels, group by group, until none is left.
+
+    A removal can kill more channels: a filter whose only nonzero weights read removed inputs, say.
+    Rounds of analysis therefore repeat on the virtual state in :class:`NonzeroMap`, re-analysing
+    only groups that touch a layer where a channel newly died. Constants are folded as they are
+    found. Each group is sliced once at the end. ``stats`` are the per-channel input (min, max) of
+    every conv/Linear measured while tracing. The values of the channels that stay never change,
+    so they stay valid. ``mode`` is ``"exact"``, ``"approximate"`` or ``"dnnshifter"`` (see :func:`analyse`).
+    """
     approximate = mode == "approximate"
     if mode == "dnnshifter":
-        max_passes = 1
+        max_rounds = 1
     log, nonzero = SurgeryLog(), NonzeroMap()
     t = time.perf_counter()
-    groups = list(dg.get_all_groups())
+    plans: list[GroupPlan] = []
+    for group in dg.get_all_groups():
+        members, why, to_output = members_of(dg, group, names)
+        shared = sorted({m.name for m in members if m.name in reused})
+        if shared and why is None:
+            why = f"layer {shared[0]} is called more than once"
+        if why is not None:
+            for m in members:
+                if m.role in (PRODUCER, DEPTHWISE):
+                    log.unsupported.setdefault(m.name, why)
+        elif not to_output:
+            plans.append(GroupPlan(group, members))
     t = log.lap("groups", t)
-    for _ in range(max_passes):
-        plans, all_requests = [], []
-        for group in groups:
-            members, why, to_output = members_of(dg, group, names)
-            t = log.lap("members", t)
-            shared = sorted({m.name for m in members if m.name in reused})
-            if shared and why is None:
-                why = f"layer {shared[0]} is called more than once"
-            if why is not None:
-                for m in members:
-                    if m.role in (PRODUCER, DEPTHWISE):
-                        log.unsupported.setdefault(m.name, why)
-                continue
-            if to_output:
-                continue
-            plan, requests, candidates = analyse(group, members, nonzero, mode)
-            plans.append((plan, requests, candidates))
-            all_requests.extend(requests)
-            t = log.lap("analyse", t)
-        # Values of the channels that stay never change (that is the point), so the statistics
-        # measured while tracing serve every pass, looked up by each input's index at trace time.
-        folds = []
-        for plan, requests, candidates in plans:
-            folds.extend(decide_constants(plan, requests, candidates, stats, approximate, nonzero))
-        t = log.lap("decide", t)
+    todo = plans
+    for _ in range(max_rounds):
+        removed_now, folds = 0, []
+        for plan in todo:
+            n = len(plan.group[0].idxs)
+            gone = torch.zeros(n, dtype=torch.bool)
+            gone[list(plan.remove)] = True
+            found, requests, candidates = analyse(plan.group, plan.members, nonzero, mode, gone)
+            new_folds = decide_constants(found, requests, candidates, stats, approximate)
+            new = found.remove
+            if len(plan.remove) + len(new) >= n and new:  # never empty a layer: keep one channel
+                kept = min(new)
+                del new[kept]
+                new_folds = [f for f in new_folds if f[3] != kept]
+            if new:
+                _mark_removed(plan, new, nonzero)
+                folds.extend(new_folds)
+                removed_now += len(new)
+        t = log.lap("analyse", t)
         apply_folds(folds)
         t = log.lap("fold", t)
-        removed_now = sum(prune_group(dg, plan, log, nonzero) for plan, _, _ in plans)
-        t = log.lap("slice", t)
         log.passes.append(removed_now)
         affected = nonzero.commit()
         t = log.lap("commit", t)
         if removed_now == 0 or not affected:
             break
-        groups = []
-        for plan, _, _ in plans:
-            if any(id(m.module) in affected for m in plan.members):
-                root = plan.group[0].dep
-                size = dg.get_out_channels(root.target.module)
-                groups.append(dg.get_pruning_group(root.target.module, root.handler, list(range(size))))
-        t = log.lap("groups", t)
+        todo = [p for p in plans if any(id(m.module) in affected for m in p.members)]
+    for plan in plans:
+        if plan.remove:
+            _slice(dg, plan, log)
+    log.lap("slice", t)
     return log
