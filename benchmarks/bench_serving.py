@@ -39,6 +39,7 @@ from _common import machine, machine_line, markdown_table, median, update_readme
 from dnnshifter_lightning.serving import (  # noqa: E402
     TorchServeServer, build_archive, check_java, json_bodies, read_switches, run_load, summarize,
 )
+from dnnshifter_lightning.policy import pareto_variants  # noqa: E402
 
 NAME = "bench_serving"
 
@@ -48,7 +49,7 @@ def quick_portfolio(out: Path, widths=(128, 32, 8), epochs: int = 4) -> Path:
     from dnnshifter_lightning.digits import DIGITS_INPUT_SPEC, DigitsDataModule
     from dnnshifter_lightning.models import DigitsCNN
     from dnnshifter_lightning.portfolio import save_variant, sort_variants, write_manifest
-    from dnnshifter_lightning.profile import count_params, measure_accuracy, measure_latency_ms
+    from dnnshifter_lightning.profile import count_macs, count_params, measure_accuracy, measure_latency_ms
 
     dm = DigitsDataModule(batch_size=64)
     dm.setup()
@@ -71,7 +72,7 @@ def quick_portfolio(out: Path, widths=(128, 32, 8), epochs: int = 4) -> Path:
         variants.append({
             "id": f"w{width}", "level": level, "sparsity": 0.0, "params": n, "nonzero_params": n, "file": rel,
             "bytes_raw": info["bytes_raw"], "bytes_compressed": info["bytes_compressed"], "sha256": info["sha256"],
-            "macs": 0, "latency_ms": {str(b): measure_latency_ms(model, example[:b]) for b in (1, 8)},
+            "macs": count_macs(model, example[:1]), "latency_ms": {str(b): measure_latency_ms(model, example[:b]) for b in (1, 8)},
             "accuracy": measure_accuracy(model, dm.val_dataloader(), 10), "sparse_accuracy": None, "max_abs_diff": 0.0,
         })
     write_manifest(out, {"format_version": 1, "input_spec": dict(DIGITS_INPUT_SPEC), "variants": sort_variants(variants)})
@@ -106,6 +107,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--portfolio", type=Path, help="portfolio dir (default: train a small one)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fixed", nargs="+", help="variants served fixed as contenders (default: the accuracy/MACs "
+                    "front the policy switches along, plus level_00)")
     ap.add_argument("--light-rate", type=float, default=10.0)
     ap.add_argument("--light-s", type=float, default=2.0)
     ap.add_argument("--burst-s", type=float, default=4.0)
@@ -125,19 +128,30 @@ def main() -> None:
         portfolio = args.portfolio or quick_portfolio(work / "portfolio", epochs=2 if args.quick else 4)
         manifest = json.loads((portfolio / "manifest.json").read_text())
         ids = [v["id"] for v in manifest["variants"]]
+        # The policy switches along the accuracy/MACs front; the fixed contenders are those variants
+        # (or --fixed), plus the dense level-0 model if the portfolio has one.
+        fixed = args.fixed or pareto_variants(manifest["variants"])
+        unknown = sorted(set(fixed) - set(ids))
+        if unknown:
+            raise SystemExit(f"--fixed: no variant {unknown} in {portfolio} (it has {ids})")
+        if not args.fixed and "level_00" in ids and "level_00" not in fixed:
+            fixed.append("level_00")
+        macs = {v["id"]: v.get("macs") or 0 for v in manifest["variants"]}
+        cheapest = min(fixed, key=lambda v: macs[v])
+        top = next(v for v in ids if v in fixed)  # most accurate contender
         store = work / "store"
         models = {"adaptive": build_archive(portfolio, "adaptive", store).name}
-        for vid in ids:
+        for vid in fixed:
             name = f"fixed_{vid}"
             models[name] = build_archive(portfolio, name, store, config={"handler": {"fixed_variant": vid}}).name
         bodies, labels = held_out_requests()
         with TorchServeServer(store, models, workdir=work / "ts") as ts:
             capacity = {}
-            for vid in (ids[0], ids[-1]):
+            for vid in dict.fromkeys((top, cheapest)):
                 res = run_load(ts.ports.inference, f"/predictions/fixed_{vid}", bodies, concurrency=16, duration_s=2.0,
                                headers=ts.inference_headers())
                 capacity[vid] = summarize(res, span_s=2.0)["throughput_rps"]
-            burst_rate = args.burst_rate or round(min(1.5 * capacity[ids[0]], 0.8 * capacity[ids[-1]]), 1)
+            burst_rate = args.burst_rate or round(min(1.5 * capacity[top], 0.8 * capacity[cheapest]), 1)
             console.print(f"closed-loop capacity (req/s): {capacity}; burst rate {burst_rate} req/s")
             runs: dict[str, list[dict]] = {m: [] for m in models}
             order = list(models)
@@ -157,7 +171,7 @@ def main() -> None:
         s["correct_per_s_vs_adaptive"] = round(s["correct_per_s"] / ref["correct_per_s"], 3) if ref["correct_per_s"] else None
         s["p99_vs_adaptive"] = round(s["p99_ms"] / ref["p99_ms"], 3) if ref["p99_ms"] else None
     result = {"machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "variants": ids, "accuracy_manifest": {v["id"]: v["accuracy"] for v in manifest["variants"]},
+              "variants": ids, "fixed_contenders": fixed, "cheapest": cheapest, "accuracy_manifest": {v["id"]: v["accuracy"] for v in manifest["variants"]},
               "capacity_rps": capacity, "burst_rate_rps": burst_rate, "summary": summary, "runs": runs,
               "adaptive_switches": len(switches), "quick": args.quick}
     path = write_json(NAME, result)

@@ -26,10 +26,7 @@ structural pruning), which the JSON records.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -47,15 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dnnshifter_lightning.models import DigitsCNN  # noqa: E402
 from dnnshifter_lightning.portfolio import load_variant, read_manifest, save_variant, write_manifest  # noqa: E402
 from dnnshifter_lightning.runtime import PortfolioRuntime  # noqa: E402
+from _common import machine, machine_line, markdown_table, update_readme  # noqa: E402
 
 SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
 RESULTS = ROOT / "benchmarks" / "results" / "bench_switching.json"
-
-
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "date": dt.datetime.now().isoformat(timespec="seconds")}
 
 
 def _magnitude_prune(model: torch.nn.Module, sparsity: float, seed: int) -> torch.nn.Module:
@@ -251,8 +243,27 @@ def print_table(result: dict[str, Any]) -> None:
     ts = result["torchserve_versions"]
     if "skipped" in ts:
         console.print(f"(b) TorchServe versions: skipped ({ts['skipped']})")
-    m = result["machine"]
-    console.print(f"machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, {m['date']}")
+    console.print(f"machine: {machine_line(result['machine'])}")
+
+
+def readme_table(result: dict[str, Any]) -> str:
+    rows = result["per_variant"]
+    contenders = list(rows[0]["switch_ms"])
+    headers = ["variant", "raw / zstd KB", *[f"{c} ms" for c in contenders], "(a) / ours",
+               "weights held, ours KB", "(c) / ours memory"]
+    body = [[r["variant"], f"{r['raw_bytes'] / 1024:.0f} / {r['compressed_bytes'] / 1024:.0f}",
+             *[f"{r['switch_ms'][c]:.2f}" for c in contenders], f"{r['switch_speedup_vs_a']:.0f}x",
+             f"{r['resident_bytes']['ours'] / 1024:.0f}", f"{r['memory_saving_vs_c']:.2f}x"] for r in rows]
+    s = result["summary"]
+    lines = [markdown_table(headers, body), "",
+             f"Median switch: {s['switch_speedup_vs_a_median']:.0f}x faster than loading from disk (goal 12x: "
+             f"{'met' if s['goal_switch_12x_vs_a'] else 'not met'})"
+             + (f", {s['switch_speedup_vs_b_median']:.0f}x faster than TorchServe's register + set-default"
+                if "switch_speedup_vs_b_median" in s else "")
+             + f". Weights held: {s['memory_saving_vs_c_median']:.2f}x less than all variants resident "
+             f"(goal 4x: {'met' if s['goal_memory_4x_vs_c'] else 'not met'}). "
+             f"Median of {result['rounds']} interleaved rounds. {machine_line(result['machine'])}."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--portfolio", default=None, help="portfolio dir (default demo_out/portfolio, else built)")
     parser.add_argument("--no-torchserve", action="store_true", help="skip (b), TorchServe's model versions")
     parser.add_argument("--out", default=str(RESULTS), help="JSON output path")
+    parser.add_argument("--readme", action="store_true", help="put the table into README.md")
     args = parser.parse_args(argv)
     result = run(args)
     out = Path(args.out)
@@ -269,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
     print(f"wrote {out}")
+    if args.readme and not update_readme("switching", readme_table(result)):
+        print("README has no <!-- bench:switching --> block; table not inserted")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -52,8 +53,21 @@ def _readme_python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
-def test_readme_trainer_example_runs_as_written(tmp_path):
-    """The README's 'add the callbacks to your Trainer' example, verbatim, in a fresh process."""
+def _readme_bash_block(containing: str) -> str:
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if containing in b]
+    assert len(blocks) == 1, f"expected one README bash block with {containing!r}"
+    return blocks[0]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_readme_examples_run_as_written(tmp_path):
+    """The README's examples, verbatim, in fresh processes, in the order a reader meets them: the
+    Trainer example, the offline build from its checkpoints, prune_structurally on its last level,
+    and serving its portfolio from Python with a real TorchServe."""
     block = _readme_python_blocks()[0]
     assert len(block.strip().splitlines()) <= 10
     proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -63,3 +77,22 @@ def test_readme_trainer_example_runs_as_written(tmp_path):
     assert len(manifest["variants"]) == 14 and (tmp_path / "portfolio" / "portfolio.png").exists()
     last = torch.load(tmp_path / "ckpts" / "level_13.ckpt", weights_only=False)
     assert last["dnnshifter"]["sparsity"] > 0.99
+
+    proc = _run(["bash", "-euo", "pipefail", "-c", _readme_bash_block("dnnshifter portfolio build")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rebuilt = json.loads((tmp_path / "my_portfolio" / "manifest.json").read_text())
+    assert [v["id"] for v in rebuilt["variants"]] == [v["id"] for v in manifest["variants"]]
+    assert "level_13" in proc.stdout  # the show table
+
+    blocks = _readme_python_blocks()
+    surgery = next(b for b in blocks if "prune_structurally(" in b)
+    proc = _run([sys.executable, "-c", surgery], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = (int(n) for n in re.match(r"(\d+) -> (\d+) parameters", proc.stdout).groups())
+    assert after < before
+
+    serving = next(b for b in blocks if "TorchServeServer(" in b)
+    proc = _run([sys.executable, "-c", serving], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("200 ")
+    assert "'errors': 0" in proc.stdout and "'accuracy': " in proc.stdout
