@@ -174,7 +174,7 @@ def main() -> None:
               "variants": ids, "fixed_contenders": fixed, "cheapest": cheapest, "accuracy_manifest": {v["id"]: v["accuracy"] for v in manifest["variants"]},
               "capacity_rps": capacity, "burst_rate_rps": burst_rate, "summary": summary, "runs": runs,
               "adaptive_switches": len(switches), "quick": args.quick}
-    path = write_json(NAME, result)
+    path = write_json(NAME + ("_quick" if args.quick else ""), result)
 
     headers = ["contender", "p50 ms", "p99 ms", "burst p99 ms", "req/s", "accuracy", "correct/s", "errors",
                "correct/s vs adaptive"]

@@ -96,3 +96,16 @@ def test_readme_examples_run_as_written(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("200 ")
     assert "'errors': 0" in proc.stdout and "'accuracy': " in proc.stdout
+
+
+def test_readme_lightningcli_commands_run_as_written(tmp_path):
+    """The README's LightningCLI smoke run, then `portfolio show` and `archive`, verbatim."""
+    (tmp_path / "examples").symlink_to(ROOT / "examples")  # the commands run from the repository root
+    proc = _run(["bash", "-euo", "pipefail", "-c", _readme_bash_block("examples/cifar10.py fit --data.fake true")],
+                tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run = tmp_path / "runs"
+    assert sorted(p.name for p in (run / "cifar10_smoke" / "imp").glob("level_*.ckpt")) == [
+        "level_00.ckpt", "level_01.ckpt", "level_02.ckpt"]
+    assert (run / "model_store" / "cifar10.mar").is_file()
+    assert "level_02" in proc.stdout  # portfolio show's table
