@@ -1,0 +1,116 @@
+"""One table from every benchmark's JSON, side by side with the DNNShifter paper's figures.
+
+Reads ``benchmarks/results/{bench_training,bench_pruning,bench_switching,bench_serving}.json`` (the
+full runs, not ``*_quick.json``) and prints the table; ``--readme`` puts it in README.md's
+``<!-- bench:summary -->`` block. Rows whose benchmark has not been run say so; nothing is
+estimated. Paper figures are from Eccles et al., arXiv 2309.06973, on their models and hardware.
+
+    python benchmarks/summary.py --readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, markdown_table, update_readme  # noqa: E402
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _where(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    return f"{m['date']}, {m['cpu_count']} CPU cores" + (f", {m['gpu']}" if m.get("gpu") else "")
+
+
+def rows() -> list[list[str]]:
+    out: list[list[str]] = []
+    missing = "not run yet"
+
+    training = _load("bench_training")
+    if training:
+        by = {r["contender"]: r for r in training["results"]}
+        imp = by["IterativeMagnitudePruning"]["ratio_to_plain"]
+        mp = by["ModelPruning (lottery ticket)"]["ratio_to_plain"]
+        out.append(["IMP callback: whole-fit time vs the same fit without it", "(not reported; goal <= 1.03x)",
+                    f"{imp:.3f}x (ModelPruning: {mp:.3f}x)", _where(training), "bench_training"])
+    else:
+        out.append(["IMP callback: whole-fit time vs the same fit without it", "(goal <= 1.03x)", missing, "", "bench_training"])
+
+    pruning = _load("bench_pruning")
+    if pruning:
+        arch = pruning["architectures"]
+        ms = {a: [r["prune_seconds_median"] * 1e3 for r in arch if r["arch"] == a] for a in {r["arch"] for r in arch}}
+        times = ", ".join(f"{a} {min(v):.0f}-{max(v):.0f} ms" for a, v in sorted(ms.items()))
+        out.append(["Structural pruning time per variant", "100-220 ms", times, _where(pruning), "bench_pruning"])
+        best_p = max(arch, key=lambda r: r["param_ratio"])
+        out.append(["Variant smaller than its sparse source (parameters, best)", "up to 5.14x",
+                    f"{best_p['param_ratio']:.2f}x ({best_p['arch']}, {best_p['sparsity']:.0%} sparse)",
+                    _where(pruning), "bench_pruning"])
+        best_l = max(arch, key=lambda r: r["latency_ratio"]["1"])
+        out.append(["Variant faster than its sparse source (CPU, batch 1, best)", "up to 1.67x",
+                    f"{best_l['latency_ratio']['1']:.2f}x ({best_l['arch']}, {best_l['sparsity']:.0%} sparse)",
+                    _where(pruning), "bench_pruning"])
+        wrong = [r["dnnshifter"]["rel_error_fresh_inputs"] for r in arch]
+        ours = [r["rel_error_fresh_inputs"] for r in arch]
+        out.append(["Output error of the surgery (max relative, fresh inputs)", "(not reported)",
+                    f"ours {max(ours):.1e}; DNNShifter's rule {min(wrong):.1e} to {max(wrong):.1e}",
+                    _where(pruning), "bench_pruning"])
+        digits = pruning["digits_time_to_variant"]["rows"]
+        speed = [d["speedup"] for d in digits]
+        out.append(["Time to a variant vs prune + fine-tune (digits)", "93x faster",
+                    f"{min(speed):.0f}x to {max(speed):.0f}x (median {statistics.median(speed):.0f}x)",
+                    _where(pruning), "bench_pruning"])
+    else:
+        out.append(["Structural pruning", "100-220 ms; 5.14x smaller; 1.67x faster; 93x", missing, "", "bench_pruning"])
+
+    switching = _load("bench_switching")
+    if switching:
+        s = switching["summary"]
+        vs_b = (f"; {s['switch_speedup_vs_b_median']:.0f}x vs TorchServe versions"
+                if "switch_speedup_vs_b_median" in s else "")
+        out.append(["Switch overhead vs loading the variant from disk (median)", "11.9x lower",
+                    f"{s['switch_speedup_vs_a_median']:.0f}x lower{vs_b}", _where(switching), "bench_switching"])
+        out.append(["Weight memory vs every variant resident (median)", "3.8x less",
+                    f"{s['memory_saving_vs_c_median']:.2f}x less (goal 4x: "
+                    f"{'met' if s['goal_memory_4x_vs_c'] else 'not met'})", _where(switching), "bench_switching"])
+    else:
+        out.append(["Switching and memory", "11.9x; 3.8x", missing, "", "bench_switching"])
+
+    serving = _load("bench_serving")
+    if serving:
+        summ = serving["summary"]
+        ad = summ["adaptive"]
+        best_fixed = max((m for m in summ if m != "adaptive"), key=lambda m: summ[m]["correct_per_s"])
+        bf = summ[best_fixed]
+        out.append(["Serving a burst: adaptive vs best fixed variant (correct answers/s, p99)", "(not reported)",
+                    f"{ad['correct_per_s']:.0f} vs {bf['correct_per_s']:.0f} ({best_fixed}); p99 "
+                    f"{ad['p99_ms']:.0f} vs {bf['p99_ms']:.0f} ms", _where(serving), "bench_serving"])
+    else:
+        out.append(["Serving under bursty load", "", missing, "", "bench_serving"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--readme", action="store_true", help="put the table into README.md")
+    args = ap.parse_args(argv)
+    headers = ["what", "paper", "measured here", "machine, date", "benchmark"]
+    table = markdown_table(headers, rows())
+    print(table)
+    if args.readme and not update_readme("summary", table):
+        print("README has no <!-- bench:summary --> block; table not inserted")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
