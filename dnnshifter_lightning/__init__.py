@@ -7,6 +7,17 @@
 
 Names are imported lazily so that ``import dnnshifter_lightning`` stays cheap and the plain-torch
 core never pulls in Lightning or TorchServe.
+
+Example::
+
+    >>> import dnnshifter_lightning as dnnshifter
+    >>> dnnshifter.__version__
+    '0.1.0'
+    >>> dir(dnnshifter)
+    ['IterativeMagnitudePruning', 'PortfolioBuilder', 'PortfolioRuntime', '__version__', 'prune_structurally']
+    >>> imp = dnnshifter.IterativeMagnitudePruning(levels=4, epochs_per_level=2)   # imported on first use
+    >>> imp.total_epochs
+    10
 """
 
 from __future__ import annotations

@@ -141,6 +141,34 @@ def build_portfolio(
     ``callable(path) -> nn.Module``. ``val_dataloader`` yields ``(inputs, targets)``; with ``None``
     the accuracies are recorded as null. Latency is measured on ``latency_threads`` threads
     (``None`` keeps the current setting).
+
+    Example::
+
+        >>> import io, tempfile, torch
+        >>> from pathlib import Path
+        >>> from rich.console import Console
+        >>> from dnnshifter_lightning.models import DigitsCNN
+        >>> _ = torch.manual_seed(0)
+        >>> ckpts = Path(tempfile.mkdtemp())
+        >>> net = DigitsCNN(width=4).eval()
+        >>> torch.save({"state_dict": net.state_dict()}, ckpts / "level_00.ckpt")
+        >>> with torch.no_grad():
+        ...     net.features[0].weight[:2] = 0             # a sparser level: 2 of 4 first filters are zero
+        >>> torch.save({"state_dict": net.state_dict()}, ckpts / "level_01.ckpt")
+        >>> def load(path):                                # any callable(path) -> nn.Module will do
+        ...     model = DigitsCNN(width=4)
+        ...     model.load_state_dict(torch.load(path)["state_dict"])
+        ...     return model
+        >>> val = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
+        >>> out = Path(tempfile.mkdtemp())
+        >>> manifest = build_portfolio(ckpts, load, out, val, {"shape": [1, 8, 8]}, latency_warmup=1,
+        ...                            latency_repeats=2, plot=False, console=Console(file=io.StringIO()))
+        >>> for v in sorted(manifest["variants"], key=lambda v: v["level"]):
+        ...     print(v["id"], v["sparse"]["params"], "->", v["params"], v["accuracy"] == v["sparse_accuracy"])
+        level_00 4782 -> 4726 True
+        level_01 4782 -> 4634 True
+        >>> sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+        ['manifest.json', 'variants', 'variants/level_00.pt2.zst', 'variants/level_01.pt2.zst']
     """
     console = console or Console(width=None if Console().is_terminal else 160)
     out = Path(out_dir)
@@ -236,7 +264,20 @@ def _fmt_pct(x: float | None) -> str:
 
 
 def portfolio_table(manifest: dict[str, Any], title: str = "portfolio") -> Table:
-    """A rich table of the variants, most accurate first, with the sparse source alongside."""
+    """A rich table of the variants, most accurate first, with the sparse source alongside.
+
+    Example::
+
+        >>> variant = {"id": "level_03", "sparsity": 0.488, "accuracy": 0.97, "sparse_accuracy": 0.97,
+        ...            "params": 9000, "macs": 120000, "bytes_compressed": 40960, "max_abs_diff": 1e-7,
+        ...            "latency_ms": {"1": 0.2, "8": 0.5},
+        ...            "sparse": {"params": 18000, "latency_ms": {"1": 0.4, "8": 1.0}}}
+        >>> table = portfolio_table({"variants": [variant]}, title="my portfolio")
+        >>> table.title, table.row_count, [c.header for c in table.columns][:4]
+        ('my portfolio', 1, ['variant', 'sparsity', 'accuracy', 'sparse acc'])
+        >>> from rich.console import Console
+        >>> Console(width=200).print(table)  # doctest: +SKIP
+    """
     table = Table(title=title)
     for col, just in [("variant", "left"), ("sparsity", "right"), ("accuracy", "right"), ("sparse acc", "right"),
                       ("params", "right"), ("x smaller", "right"), ("MACs", "right"), ("file KiB", "right"),
@@ -275,6 +316,26 @@ class PortfolioBuilder(Callback):
     Example::
 
         trainer = L.Trainer(max_epochs=imp.total_epochs, callbacks=[imp, PortfolioBuilder(out_dir="portfolio")])
+
+    A complete run, tiny enough for a doctest::
+
+        >>> import contextlib, io, tempfile
+        >>> import lightning as L
+        >>> from pathlib import Path
+        >>> from dnnshifter_lightning import IterativeMagnitudePruning
+        >>> from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+        >>> tmp = Path(tempfile.mkdtemp())
+        >>> imp = IterativeMagnitudePruning(levels=1, epochs_per_level=1, checkpoint_dir=tmp / "imp", verbose=False)
+        >>> builder = PortfolioBuilder(out_dir=tmp / "portfolio", latency_warmup=1, latency_repeats=2, plot=False)
+        >>> trainer = L.Trainer(max_epochs=imp.total_epochs, callbacks=[imp, builder], accelerator="cpu",
+        ...                     limit_train_batches=1, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> with contextlib.redirect_stdout(io.StringIO()):     # the build prints a progress bar and a table
+        ...     trainer.fit(DigitsClassifier(width=4), datamodule=DigitsDataModule(train_limit=32))
+        >>> sorted((v["id"], v["accuracy"] is not None) for v in builder.manifest["variants"])
+        [('level_00', True), ('level_01', True)]
+        >>> sorted(p.name for p in (tmp / "portfolio").iterdir())
+        ['manifest.json', 'variants']
     """
 
     def __init__(self, out_dir: str | os.PathLike[str] = "portfolio", checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -315,7 +376,19 @@ class PortfolioBuilder(Callback):
 # ------------------------------------------------------------------------------------------ CLI
 
 def import_object(spec: str) -> Any:
-    """``"package.module:Name"`` -> the object."""
+    """``"package.module:Name"`` -> the object.
+
+    Example::
+
+        >>> import_object("dnnshifter_lightning.models:DigitsCNN")
+        <class 'dnnshifter_lightning.models.DigitsCNN'>
+        >>> import_object("dnnshifter_lightning.models:DigitsCNN.forward").__qualname__   # dotted attributes too
+        'DigitsCNN.forward'
+        >>> import_object("dnnshifter_lightning.models.DigitsCNN")
+        Traceback (most recent call last):
+            ...
+        ValueError: expected 'package.module:Class', got 'dnnshifter_lightning.models.DigitsCNN'
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"expected 'package.module:Class', got {spec!r}")
@@ -326,7 +399,24 @@ def import_object(spec: str) -> Any:
 
 
 def portfolio_build_command(ckpt_dir: Path, model: str, out: Path, datamodule: str | None = None) -> dict[str, Any]:
-    """``dnnshifter portfolio build CKPT_DIR --model pkg.mod:Class --out DIR [--datamodule pkg.mod:Class]``."""
+    """``dnnshifter portfolio build CKPT_DIR --model pkg.mod:Class --out DIR [--datamodule pkg.mod:Class]``.
+
+    The model class is loaded with ``load_from_checkpoint``; the validation data comes from
+    ``--datamodule`` or the model's own ``val_dataloader``, the input spec from an ``input_spec``
+    attribute on either. Returns the manifest written.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> portfolio_build_command(Path("imp_ckpts"), "dnnshifter_lightning.digits:DigitsClassifier",
+        ...                         Path("portfolio"), "dnnshifter_lightning.digits:DigitsDataModule")  # doctest: +SKIP
+        >>> empty = Path(tempfile.mkdtemp())
+        >>> portfolio_build_command(empty, "dnnshifter_lightning.digits:DigitsClassifier", empty / "portfolio")
+        Traceback (most recent call last):
+            ...
+        FileNotFoundError: ...: no level_*.ckpt files
+    """
     module_cls = import_object(model)
     paths = _level_checkpoints(ckpt_dir)
     dm = import_object(datamodule)() if datamodule else None
@@ -348,7 +438,24 @@ def portfolio_build_command(ckpt_dir: Path, model: str, out: Path, datamodule: s
 
 
 def portfolio_show_command(dir: Path) -> dict[str, Any]:  # noqa: A002 - the CLI argument's name
-    """``dnnshifter portfolio show DIR``: verify every file's sha256 and print the table."""
+    """``dnnshifter portfolio show DIR``: verify every file's sha256 and print the table.
+
+    Example::
+
+        >>> import contextlib, io, tempfile, torch
+        >>> from pathlib import Path
+        >>> from dnnshifter_lightning.portfolio import save_variant, write_manifest
+        >>> d = Path(tempfile.mkdtemp())
+        >>> info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), d / "v0.pt2.zst")
+        >>> _ = write_manifest(d, {"format_version": 1, "input_spec": {"shape": [3], "dtype": "float32"},
+        ...     "variants": [{"id": "v0", "level": 0, "sparsity": 0.0, "params": 8, "nonzero_params": 8,
+        ...                   "macs": 6, "latency_ms": {"1": 0.01, "8": 0.02}, "accuracy": None,
+        ...                   "sparse_accuracy": None, "max_abs_diff": None, **info}]})
+        >>> with contextlib.redirect_stdout(io.StringIO()) as shown:
+        ...     manifest = portfolio_show_command(d)
+        >>> "(1 variants, sha256 ok)" in " ".join(shown.getvalue().split()), manifest["variants"][0]["id"]
+        (True, 'v0')
+    """
     manifest = verify_portfolio(dir)
     console = Console(width=None if Console().is_terminal else 160)  # pipes and logs get the full table
     console.print(portfolio_table(manifest, title=f"portfolio {dir} ({len(manifest['variants'])} variants, sha256 ok)"))

@@ -47,7 +47,29 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
              epochs_per_level: int = DEMO_DEFAULTS["epochs_per_level"], rewind_to: str | int = DEMO_DEFAULTS["rewind_to"],
              width: int = DEMO_DEFAULTS["width"], seed: int = DEMO_DEFAULTS["seed"], build: bool = True,
              serve: bool = True, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Run the demo into ``out`` and return a summary (also written to ``out/summary.json``)."""
+    """Run the demo into ``out`` and return a summary (also written to ``out/summary.json``).
+
+    The defaults are :data:`DEMO_DEFAULTS`; ``build=False`` stops after training, ``serve=False``
+    after the portfolio. It refuses to overwrite the level checkpoints of an earlier run unless
+    ``fresh`` (which deletes ``out`` first).
+
+    Example::
+
+        >>> DEMO_DEFAULTS["levels"], DEMO_DEFAULTS["prune_fraction"], DEMO_DEFAULTS["width"]
+        (16, 0.3, 128)
+        >>> summary = run_demo("demo_out", levels=4, epochs_per_level=1, serve=False)  # doctest: +SKIP
+        >>> summary["variants"]  # doctest: +SKIP
+        5
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> out = Path(tempfile.mkdtemp())
+        >>> (out / "imp").mkdir()
+        >>> _ = (out / "imp" / "level_00.ckpt").write_bytes(b"")       # an earlier run's checkpoint
+        >>> run_demo(out)
+        Traceback (most recent call last):
+            ...
+        FileExistsError: .../imp already holds level checkpoints: pass --fresh or another --out
+    """
     console = console or Console()
     out = Path(out)
     if fresh and out.exists():

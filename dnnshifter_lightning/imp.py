@@ -76,6 +76,15 @@ def parse_rewind_point(rewind_to: int | str) -> tuple[int, str]:
 
     Accepts OpenLTH's forms: an int number of steps, ``"2000it"``, ``"2ep"``, or ``0`` for the
     original initialisation.
+
+    Example::
+
+        >>> parse_rewind_point(0), parse_rewind_point(500), parse_rewind_point("2000it"), parse_rewind_point("1ep")
+        ((0, 'it'), (500, 'it'), (2000, 'it'), (1, 'ep'))
+        >>> parse_rewind_point("1 epoch")
+        Traceback (most recent call last):
+            ...
+        ValueError: rewind_to='1 epoch' is not understood: use an int number of steps, 'Nit' (e.g. '2000it'), ...
     """
     if isinstance(rewind_to, bool):
         raise ValueError(f"rewind_to must be an int or a string like '500it' or '1ep', got {rewind_to!r}")
@@ -146,6 +155,31 @@ class IterativeMagnitudePruning(Callback):
     Resuming: the callback's state (level, masks, rewind-point weights, optimizer and scheduler state
     at the rewind point, per-level history) is saved in Lightning's own checkpoints, so
     ``trainer.fit(model, ckpt_path=".../last.ckpt")`` continues IMP where it stopped.
+
+    Example::
+
+        >>> import tempfile
+        >>> import lightning as L
+        >>> from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+        >>> imp = IterativeMagnitudePruning(levels=2, epochs_per_level=1, prune_fraction=0.5,
+        ...                                 checkpoint_dir=tempfile.mkdtemp(), verbose=False)
+        >>> imp.total_epochs, imp.target_sparsity(2)
+        (3, 0.75)
+        >>> trainer = L.Trainer(max_epochs=imp.total_epochs, callbacks=[imp], accelerator="cpu",
+        ...                     limit_train_batches=1, limit_val_batches=1, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(DigitsClassifier(width=4), datamodule=DigitsDataModule(train_limit=32))
+        >>> [(row["level"], round(row["sparsity"], 2)) for row in imp.history]
+        [(0, 0.0), (1, 0.5), (2, 0.75)]
+        >>> sorted(path.name for path in imp.checkpoint_dir.glob("level_*.ckpt"))
+        ['level_00.ckpt', 'level_01.ckpt', 'level_02.ckpt']
+        >>> meta = torch.load(imp.checkpoint_dir / "level_02.ckpt", weights_only=False)[CHECKPOINT_KEY]
+        >>> meta["level"], round(meta["sparsity"], 2), sorted(meta["masks"])[:2]
+        (2, 0.75, ['model.classifier.weight', 'model.features.0.weight'])
+        >>> sparse = DigitsClassifier.load_from_checkpoint(imp.checkpoint_dir / "level_02.ckpt")
+        >>> pruned = ~meta["masks"]["model.features.0.weight"]
+        >>> bool((sparse.model.features[0].weight[pruned] == 0).all())
+        True
     """
 
     def __init__(

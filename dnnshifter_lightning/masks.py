@@ -70,6 +70,19 @@ def find_prunable(
             to leave dense. A pattern that matches no prunable module is an error: it is almost always
             a typo, and silently pruning the layer the user meant to protect would lose accuracy.
         include: optional ``(module_name, module) -> bool`` filter applied after ``types``.
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+        >>> {name: tuple(w.shape) for name, w in find_prunable(net).items()}
+        {'0.weight': (4, 1, 3, 3), '3.weight': (10, 144)}
+        >>> list(find_prunable(net, exclude=["3"]))       # leave the classifier dense
+        ['0.weight']
+        >>> find_prunable(net, exclude=["classifier"])    # a typo is an error, not a silent no-op
+        Traceback (most recent call last):
+            ...
+        ValueError: exclude=['classifier'] matches no prunable layer. Prunable layers are: ['0', '3']
     """
     found: dict[str, nn.Parameter] = {}
     used: set[str] = set()
@@ -138,6 +151,25 @@ def prune_step(
     Entries already pruned stay pruned, so masks are nested from level to level. Weights whose layer
     name matches a key of ``layer_fractions`` (exact name or fnmatch pattern) are ranked on their own
     and pruned at that layer's fraction instead.
+
+    Example::
+
+        >>> import torch
+        >>> weights = {"w": torch.tensor([[0.5, -0.1], [2.0, 0.3]])}
+        >>> level1 = prune_step(weights, {}, fraction=0.5)      # the 2 smallest of 4 go
+        >>> level1["w"]
+        tensor([[ True, False],
+                [ True, False]])
+        >>> prune_step(weights, level1, fraction=0.5)["w"]     # half of the 2 survivors go
+        tensor([[False, False],
+                [ True, False]])
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+        >>> masks = prune_step(find_prunable(net), {}, 0.2, layer_fractions={"3": 0.1})
+        >>> {name: round(1 - m.float().mean().item(), 3) for name, m in masks.items()}
+        {'0.weight': 0.194, '3.weight': 0.1}
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
@@ -160,7 +192,16 @@ def prune_step(
 
 @torch.no_grad()
 def apply_masks_(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the pruned entries of ``weights`` in place."""
+    """Zero the pruned entries of ``weights`` in place.
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0, 3.0])
+        >>> apply_masks_({"w": w}, {"w": torch.tensor([True, False, True])})
+        >>> w
+        tensor([1., 0., 3.])
+    """
     for name, w in weights.items():
         m = masks.get(name)
         if m is not None:
@@ -168,27 +209,60 @@ def apply_masks_(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.
 
 
 def count_surviving(masks: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    """``(surviving, total)`` entries over all masks."""
+    """``(surviving, total)`` entries over all masks.
+
+    Example::
+
+        >>> import torch
+        >>> count_surviving({"a": torch.tensor([True, False]), "b": torch.ones(2, 3, dtype=torch.bool)})
+        (7, 8)
+    """
     alive = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     return alive, total
 
 
 def sparsity(masks: Mapping[str, torch.Tensor]) -> float:
-    """Fraction of pruned entries over all masks (0.0 when there are none)."""
+    """Fraction of pruned entries over all masks (0.0 when there are none).
+
+    Example::
+
+        >>> import torch
+        >>> sparsity({"a": torch.tensor([True, False, False, True])})
+        0.5
+        >>> sparsity({})
+        0.0
+    """
     alive, total = count_surviving(masks)
     return 0.0 if total == 0 else 1.0 - alive / total
 
 
 def survivors_after(n: int, fraction: float, levels: int) -> int:
-    """How many of ``n`` weights survive ``levels`` rounds of pruning ``fraction`` of the survivors."""
+    """How many of ``n`` weights survive ``levels`` rounds of pruning ``fraction`` of the survivors.
+
+    Example::
+
+        >>> survivors_after(1000, 0.2, levels=3)   # 1000 -> 800 -> 640 -> 512
+        512
+    """
     for _ in range(levels):
         n -= int(round(fraction * n))
     return n
 
 
 def mask_digest(masks: Mapping[str, torch.Tensor]) -> str:
-    """A sha256 over all masks (name order fixed), to compare masks across ranks and runs."""
+    """A sha256 over all masks (name order fixed), to compare masks across ranks and runs.
+
+    Example::
+
+        >>> import torch
+        >>> a = {"x": torch.tensor([True, False]), "y": torch.tensor([True])}
+        >>> b = {"y": torch.tensor([True]), "x": torch.tensor([True, False])}
+        >>> mask_digest(a) == mask_digest(b), len(mask_digest(a))
+        (True, 64)
+        >>> mask_digest(a) == mask_digest({**a, "y": torch.tensor([False])})
+        False
+    """
     h = hashlib.sha256()
     for name in sorted(masks):
         h.update(name.encode())

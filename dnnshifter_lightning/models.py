@@ -34,6 +34,17 @@ class DigitsCNN(nn.Module):
 
     Sized so its compute dominates per-request serving overhead: a few ms for a batch of 8 on one
     CPU core at the default width.
+
+    Example::
+
+        >>> import torch
+        >>> net = DigitsCNN(width=4)                  # 4, 8 and 16 channels in the three stages
+        >>> net(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+        >>> net.classifier
+        Linear(in_features=16, out_features=10, bias=True)
+        >>> sum(p.numel() for p in DigitsCNN().parameters())   # the default width 64
+        1147722
     """
 
     def __init__(self, width: int = 64, num_classes: int = 10, in_channels: int = 1) -> None:
@@ -62,7 +73,19 @@ VGG16_CFG: Sequence[int | str] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M"
 
 
 class CifarVGG(nn.Module):
-    """CIFAR VGG with BN, as in OpenLTH (``cifar_vgg_16``): conv stages, global pool, one linear."""
+    """CIFAR VGG with BN, as in OpenLTH (``cifar_vgg_16``): conv stages, global pool, one linear.
+
+    ``cfg`` lists conv widths, with ``"M"`` for a 2x2 max pool.
+
+    Example::
+
+        >>> import torch
+        >>> net = CifarVGG([8, "M", 16], num_classes=10)    # conv-bn-relu, pool, conv-bn-relu
+        >>> net(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+        >>> net.classifier
+        Linear(in_features=16, out_features=10, bias=True)
+    """
 
     def __init__(self, cfg: Sequence[int | str] = VGG16_CFG, num_classes: int = 10, in_channels: int = 3,
                  width_mult: float = 1.0) -> None:
@@ -87,12 +110,32 @@ class CifarVGG(nn.Module):
 
 
 def cifar_vgg16(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0) -> CifarVGG:
-    """CIFAR VGG-16 with BN (about 14.7M parameters at ``width_mult=1``)."""
+    """CIFAR VGG-16 with BN (about 14.7M parameters at ``width_mult=1``).
+
+    Example::
+
+        >>> import torch
+        >>> sum(p.numel() for p in cifar_vgg16().parameters())
+        14724042
+        >>> small = cifar_vgg16(width_mult=0.25)          # 16 ... 128 channels
+        >>> small(torch.zeros(1, 3, 32, 32)).shape, small.classifier.in_features
+        (torch.Size([1, 10]), 128)
+    """
     return CifarVGG(VGG16_CFG, num_classes=num_classes, in_channels=in_channels, width_mult=width_mult)
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block; a 1x1 conv + BN shortcut where the shape changes."""
+    """ResNet basic block; a 1x1 conv + BN shortcut where the shape changes.
+
+    Example::
+
+        >>> import torch
+        >>> block = BasicBlock(4, 8, stride=2)
+        >>> block(torch.zeros(1, 4, 8, 8)).shape
+        torch.Size([1, 8, 4, 4])
+        >>> type(block.shortcut).__name__, type(BasicBlock(4, 4).shortcut).__name__
+        ('Sequential', 'Identity')
+    """
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
@@ -112,7 +155,21 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """CIFAR ResNet (depth 6n+2) with three stages of width 16/32/64 times ``width_mult``."""
+    """CIFAR ResNet (depth 6n+2) with three stages of width 16/32/64 times ``width_mult``.
+
+    Example::
+
+        >>> import torch
+        >>> net = CifarResNet(depth=8)                    # n = 1 block per stage
+        >>> len(net.layers), net.fc
+        (3, Linear(in_features=64, out_features=10, bias=True))
+        >>> net(torch.zeros(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
+        >>> CifarResNet(depth=21)
+        Traceback (most recent call last):
+            ...
+        ValueError: CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got 21
+    """
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0) -> None:
         super().__init__()
@@ -142,5 +199,15 @@ class CifarResNet(nn.Module):
 
 
 def cifar_resnet(depth: int = 20, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0) -> CifarResNet:
-    """CIFAR ResNet-``depth`` (20 and 56 are the paper's)."""
+    """CIFAR ResNet-``depth`` (20 and 56 are the paper's).
+
+    Example::
+
+        >>> import torch
+        >>> sum(p.numel() for p in cifar_resnet(20).parameters())
+        272474
+        >>> half = cifar_resnet(20, width_mult=0.5)       # 8/16/32 channels, 9 blocks
+        >>> len(half.layers), half(torch.zeros(1, 3, 32, 32)).shape
+        (9, torch.Size([1, 10]))
+    """
     return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels, width_mult=width_mult)

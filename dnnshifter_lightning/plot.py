@@ -26,6 +26,20 @@ def plot_portfolio(manifest: dict[str, Any], path: str | os.PathLike[str]) -> Pa
     One circle per variant and one cross per sparse checkpoint it came from, labelled by level and
     joined by a grey line. Variants without a measured accuracy are plotted at accuracy 0 in a
     note-marked figure. Returns the path written, or ``None`` when matplotlib is missing.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> def variant(level, params, ms, acc):
+        ...     return {"level": level, "params": params, "latency_ms": {"1": ms, "8": 4 * ms},
+        ...             "accuracy": acc, "sparse_accuracy": acc,
+        ...             "sparse": {"params": 20000, "latency_ms": {"1": 0.5, "8": 2.0}}}
+        >>> manifest = {"variants": [variant(0, 20000, 0.5, 0.97), variant(4, 9000, 0.3, 0.96)],
+        ...             "build": {"latency_threads": 1, "torch_version": "2.x"}}
+        >>> png = plot_portfolio(manifest, Path(tempfile.mkdtemp()) / "portfolio.png")
+        >>> png.name, png.read_bytes()[:4]
+        ('portfolio.png', b'\\x89PNG')
     """
     try:
         import matplotlib

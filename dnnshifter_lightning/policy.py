@@ -159,7 +159,17 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class Decision:
-    """What :meth:`LoadPolicy.choose` returns: the variant for the next batch and why."""
+    """What :meth:`LoadPolicy.choose` returns: the variant for the next batch and why.
+
+    Example::
+
+        >>> config = PolicyConfig(fixed_variant="b")
+        >>> decision = LoadPolicy(["a", "b"], {"a": {1: 0.01}, "b": {1: 0.001}}, config=config).choose()
+        >>> decision
+        Decision(variant_id='b', reason='fixed by operator config', switched=False)
+        >>> decision.variant_id
+        'b'
+    """
 
     variant_id: str
     reason: str
@@ -229,7 +239,15 @@ def pareto_variants(variants: Sequence[Mapping[str, Any]], keep: Sequence[str] =
 
 
 def profiles_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[int, float]]:
-    """Latency profiles (seconds) from a portfolio manifest's ``latency_ms`` (measured at build time)."""
+    """Latency profiles (seconds) from a portfolio manifest's ``latency_ms`` (measured at build time).
+
+    Example::
+
+        >>> manifest = {"variants": [{"id": "level_00", "latency_ms": {"1": 2.0, "8": 6.5}},
+        ...                          {"id": "level_04", "latency_ms": {"1": 0.5, "8": 1.5}}]}
+        >>> profiles_from_manifest(manifest)
+        {'level_00': {1: 0.002, 8: 0.0065}, 'level_04': {1: 0.0005, 8: 0.0015}}
+    """
     return {v["id"]: {int(b): float(ms) / 1000.0 for b, ms in v["latency_ms"].items()} for v in manifest["variants"]}
 
 

@@ -68,13 +68,39 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class PortfolioError(ValueError):
-    """A portfolio file is missing, corrupt, truncated, unsafe or malformed. The message names the file."""
+    """A portfolio file is missing, corrupt, truncated, unsafe or malformed. The message names the file.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "broken.pt2.zst"
+        >>> _ = path.write_bytes(b"not a variant")
+        >>> load_variant(path)
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.portfolio.PortfolioError: .../broken.pt2.zst: corrupt or truncated zstd data (...)
+        >>> issubclass(PortfolioError, ValueError)
+        True
+    """
 
 
 # ----------------------------------------------------------------------------------------- writing
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync, ``os.replace``."""
+    """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync, ``os.replace``.
+
+    Missing parent directories are created. Readers see the old file or the new one, never a part.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "sub" / "blob.bin"
+        >>> atomic_write_bytes(path, b"hello")
+        >>> path.read_bytes(), [p.name for p in path.parent.iterdir()]   # no temp file left behind
+        (b'hello', ['blob.bin'])
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -234,7 +260,14 @@ def _lean_module(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
 # ------------------------------------------------------------------------------ skeleton + weights
 
 def variant_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of ``module`` by name (detached, shared storage, no copy)."""
+    """Every parameter and buffer of ``module`` by name (detached, shared storage, no copy).
+
+    Example::
+
+        >>> from torch import nn
+        >>> list(variant_state(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))))
+        ['0.weight', '0.bias', '1.weight', '1.bias', '1.running_mean', '1.running_var', '1.num_batches_tracked']
+    """
     state = {n: p.detach() for n, p in module.named_parameters(remove_duplicate=False)}
     state.update({n: b.detach() for n, b in module.named_buffers(remove_duplicate=False) if b is not None})
     return state
@@ -255,6 +288,13 @@ def release_state(module: nn.Module) -> nn.Module:
     """Replace every parameter and buffer with a ``meta`` tensor of the same shape and dtype.
 
     The module becomes a skeleton that holds no weight memory; :func:`assign_state` refills it.
+
+    Example::
+
+        >>> from torch import nn
+        >>> layer = release_state(nn.Linear(3, 2))
+        >>> layer.weight.is_meta, tuple(layer.weight.shape)
+        (True, (2, 3))
     """
     for name, t in variant_state(module).items():
         _set_tensor(module, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
@@ -266,6 +306,21 @@ def assign_state(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.M
 
     The names, shapes and dtypes must match the skeleton's exactly; otherwise ``ValueError`` and
     the module is left unchanged.
+
+    Example::
+
+        >>> import torch
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> weights = {name: t.clone() for name, t in variant_state(layer).items()}
+        >>> skeleton = release_state(layer)
+        >>> assign_state(skeleton, weights)(torch.zeros(1, 3)).shape
+        torch.Size([1, 2])
+        >>> skeleton.weight.data_ptr() == weights["weight"].data_ptr()    # no copy
+        True
+        >>> assign_state(skeleton, {"weight": weights["weight"]})
+        Traceback (most recent call last):
+            ...
+        ValueError: state does not match the skeleton: missing ['bias'], unexpected []
     """
     current = variant_state(module)
     if set(current) != set(tensors):
@@ -281,14 +336,35 @@ def assign_state(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.M
 
 
 def pack_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialize weights to bytes that :func:`unpack_state` reads back with ``weights_only=True``."""
+    """Serialize weights to bytes that :func:`unpack_state` reads back with ``weights_only=True``.
+
+    Example::
+
+        >>> import torch
+        >>> data = pack_state({"w": torch.ones(2, 2), "b": torch.zeros(2)})
+        >>> isinstance(data, bytes), sorted(unpack_state(data))
+        (True, ['b', 'w'])
+    """
     buf = io.BytesIO()
     torch.save({k: v.detach().contiguous() for k, v in tensors.items()}, buf)
     return buf.getvalue()
 
 
 def unpack_state(data: bytes) -> dict[str, torch.Tensor]:
-    """Read :func:`pack_state` bytes; the restricted unpickler admits tensors and containers only."""
+    """Read :func:`pack_state` bytes; the restricted unpickler admits tensors and containers only.
+
+    Example::
+
+        >>> import io, torch
+        >>> unpack_state(pack_state({"w": torch.ones(2, 2)}))["w"].sum().item()
+        4.0
+        >>> buf = io.BytesIO()
+        >>> torch.save({"w": [1, 2]}, buf)                # a dict, but not of tensors
+        >>> unpack_state(buf.getvalue())
+        Traceback (most recent call last):
+            ...
+        ValueError: packed state is not a dict of tensors
+    """
     state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("packed state is not a dict of tensors")
@@ -301,6 +377,18 @@ def sort_variants(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Most to least accurate; ties by smaller compressed size, then lower batch-1 latency.
 
     Variants without an accuracy (none measured) go last, densest level first.
+
+    Example::
+
+        >>> variants = [
+        ...     {"id": "fast", "accuracy": 0.95, "bytes_compressed": 10, "latency_ms": {"1": 0.1}},
+        ...     {"id": "level_05", "accuracy": None, "level": 5},
+        ...     {"id": "best", "accuracy": 0.97, "bytes_compressed": 90, "latency_ms": {"1": 0.5}},
+        ...     {"id": "level_02", "accuracy": None, "level": 2},
+        ...     {"id": "small", "accuracy": 0.95, "bytes_compressed": 5, "latency_ms": {"1": 0.2}},
+        ... ]
+        >>> [v["id"] for v in sort_variants(variants)]
+        ['best', 'small', 'fast', 'level_02', 'level_05']
     """
     def key(v: dict[str, Any]) -> tuple[Any, ...]:
         acc = v.get("accuracy")
@@ -364,7 +452,28 @@ def validate_manifest(manifest: Any, directory: str | os.PathLike[str] = ".") ->
 
 
 def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
-    """Validate and atomically write ``directory/manifest.json``; returns its path."""
+    """Validate and atomically write ``directory/manifest.json``; returns its path.
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> d = Path(tempfile.mkdtemp())
+        >>> info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), d / "variants" / "v0.pt2.zst")
+        >>> variant = {"id": "v0", "level": 0, "sparsity": 0.0, "params": 8, "nonzero_params": 8, "macs": 6,
+        ...            "latency_ms": {"1": 0.01, "8": 0.02}, "accuracy": None, "sparse_accuracy": None,
+        ...            "max_abs_diff": None, **info, "file": "variants/v0.pt2.zst"}
+        >>> manifest = {"format_version": FORMAT_VERSION, "input_spec": {"shape": [3], "dtype": "float32"},
+        ...             "variants": [variant]}
+        >>> write_manifest(d, manifest).name
+        'manifest.json'
+        >>> [v["id"] for v in read_manifest(d)["variants"]]
+        ['v0']
+        >>> write_manifest(d, {**manifest, "variants": []})       # validated before anything is written
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.portfolio.PortfolioError: .../manifest.json: variants must be a non-empty list
+    """
     d = Path(directory)
     validate_manifest(manifest, d)
     path = d / MANIFEST_NAME
@@ -396,7 +505,26 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def verify_portfolio(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read the manifest and check the sha256 of every variant file. Returns the manifest."""
+    """Read the manifest and check the sha256 of every variant file. Returns the manifest.
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> d = Path(tempfile.mkdtemp())
+        >>> info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), d / "v0.pt2.zst")
+        >>> _ = write_manifest(d, {"format_version": 1, "input_spec": {"shape": [3], "dtype": "float32"},
+        ...     "variants": [{"id": "v0", "level": 0, "sparsity": 0.0, "params": 8, "nonzero_params": 8,
+        ...                   "macs": 6, "latency_ms": {"1": 0.01, "8": 0.02}, "accuracy": None,
+        ...                   "sparse_accuracy": None, "max_abs_diff": None, **info}]})
+        >>> verify_portfolio(d)["variants"][0]["file"]
+        'v0.pt2.zst'
+        >>> _ = (d / "v0.pt2.zst").write_bytes(b"tampered")
+        >>> verify_portfolio(d)
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.portfolio.PortfolioError: .../v0.pt2.zst: sha256 mismatch for variant 'v0' ...
+    """
     d = Path(directory)
     manifest = read_manifest(d)
     for v in manifest["variants"]:

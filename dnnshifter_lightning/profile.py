@@ -33,17 +33,44 @@ def _tensors(module: nn.Module, buffers: bool) -> Iterable[torch.Tensor]:
 
 
 def count_params(module: nn.Module) -> int:
-    """Number of stored parameter entries (zeros included; shared parameters counted once)."""
+    """Number of stored parameter entries (zeros included; shared parameters counted once).
+
+    Example::
+
+        >>> from torch import nn
+        >>> count_params(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))   # 4*3 + 3, then 3 + 3
+        21
+    """
     return sum(p.numel() for p in module.parameters())
 
 
 def count_nonzero(module: nn.Module) -> int:
-    """Number of parameter entries that are not exactly zero."""
+    """Number of parameter entries that are not exactly zero.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> layer = nn.Linear(4, 3)
+        >>> with torch.no_grad():
+        ...     layer.weight[0] = 0.0                 # prune one output row
+        >>> count_params(layer), count_nonzero(layer)
+        (15, 11)
+    """
     return sum(int(torch.count_nonzero(p.detach())) for p in module.parameters())
 
 
 def state_bytes(module: nn.Module) -> int:
-    """Bytes of all parameters and floating-point buffers as stored (dense)."""
+    """Bytes of all parameters and floating-point buffers as stored (dense).
+
+    Example::
+
+        >>> from torch import nn
+        >>> # 21 float32 parameters + BN's running mean and variance (6 floats); the int64
+        >>> # num_batches_tracked buffer is not counted
+        >>> state_bytes(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
+        108
+    """
     return sum(t.numel() * t.element_size() for t in _tensors(module, buffers=True))
 
 
@@ -52,6 +79,15 @@ def count_macs(module: nn.Module, example_input: torch.Tensor) -> int:
 
     Uses :class:`torch.utils.flop_counter.FlopCounterMode`, which counts matmul/conv-like ATen ops,
     so sparse models count their zeros: that is the compute a dense kernel spends on them.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> count_macs(nn.Linear(4, 3), torch.zeros(2, 4))              # 2 rows x 4 x 3
+        24
+        >>> count_macs(nn.Conv2d(1, 4, 3), torch.zeros(1, 1, 8, 8))     # 6x6 outputs x 4 filters x 9
+        1296
     """
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
@@ -65,6 +101,14 @@ def measure_latency_ms(module: nn.Module, example_input_batch: torch.Tensor, war
 
     Runs under :func:`torch.inference_mode`. Thread count is the caller's choice
     (``torch.set_num_threads``); the builder measures on one thread.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> ms = measure_latency_ms(nn.Linear(16, 4), torch.zeros(8, 16), warmup=1, repeats=3)
+        >>> isinstance(ms, float) and ms > 0
+        True
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
@@ -91,6 +135,20 @@ def measure_accuracy(module: nn.Module, dataloader: Iterable[Any], num_classes: 
 
     Batches are ``(inputs, targets)`` tuples/lists or dicts with ``x``/``y`` keys. The module is
     put in eval mode.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> x = torch.tensor([[-1.0], [2.0], [-3.0], [4.0]])
+        >>> y = torch.tensor([0, 1, 0, 0])
+        >>> sign = nn.Linear(1, 2)                    # class 1 iff x > 0
+        >>> with torch.no_grad():
+        ...     _ = sign.weight.copy_(torch.tensor([[-1.0], [1.0]])), sign.bias.zero_()
+        >>> measure_accuracy(sign, [(x, y)], num_classes=2)
+        0.75
+        >>> measure_accuracy(sign, [{"x": x[:2], "y": y[:2]}], num_classes=2)   # dict batches work too
+        1.0
     """
     module.eval()
     metric = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")

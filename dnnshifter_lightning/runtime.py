@@ -69,12 +69,43 @@ _ALIGN = 64  # byte alignment of every tensor in the flat buffer (dtype views ne
 
 
 class SwitchError(RuntimeError):
-    """A switch failed; the previous variant is still active."""
+    """A switch failed; the previous variant is still active.
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from dnnshifter_lightning.portfolio import save_variant, write_manifest
+        >>> d = Path(tempfile.mkdtemp())
+        >>> variants = [{"id": vid, "level": i, "sparsity": 0.0, "params": 0, "nonzero_params": 0, "macs": 0,
+        ...              "latency_ms": {"1": 1.0, "8": 2.0}, "accuracy": None, "sparse_accuracy": None,
+        ...              "max_abs_diff": None, **save_variant(torch.nn.Linear(4, 3), torch.zeros(2, 4),
+        ...                                                   d / f"{vid}.pt2.zst")}
+        ...             for i, vid in enumerate(["a", "b"])]
+        >>> _ = write_manifest(d, {"format_version": 1, "input_spec": {"shape": [4], "dtype": "float32"},
+        ...                        "variants": variants})
+        >>> rt = PortfolioRuntime(d, profile_batch_sizes=None)
+        >>> rt._variants["b"].blob = b"garbage"          # simulate a corrupt in-memory blob
+        >>> try:
+        ...     rt.switch_to("b")
+        ... except SwitchError:
+        ...     print("still serving", rt.active_id, "- logged:", rt.switch_log[-1].ok)
+        still serving a - logged: False
+    """
 
 
 @dataclasses.dataclass(frozen=True)
 class SwitchRecord:
-    """One entry of :attr:`PortfolioRuntime.switch_log`."""
+    """One entry of :attr:`PortfolioRuntime.switch_log`.
+
+    Example::
+
+        >>> record = SwitchRecord("level_00", "level_08", time=1700000000.0, seconds=0.0021, reason="burst")
+        >>> record.ok, record.error, record.cached
+        (True, None, False)
+        >>> f"{record.from_id} -> {record.to_id} in {record.seconds * 1e3:.1f} ms ({record.reason})"
+        'level_00 -> level_08 in 2.1 ms (burst)'
+    """
 
     from_id: str
     to_id: str
@@ -200,6 +231,36 @@ class PortfolioRuntime:
         compression_level: codec level (zstd 3, zlib 6 by default).
 
     Thread-safe: requests may run concurrently with each other and with :meth:`switch_to`.
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from torch import nn
+        >>> from dnnshifter_lightning.portfolio import save_variant, write_manifest
+        >>> d = Path(tempfile.mkdtemp())
+        >>> variants = []
+        >>> for vid, hidden in (("big", 32), ("small", 4)):
+        ...     net = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+        ...     info = save_variant(net, torch.zeros(2, 4), d / f"{vid}.pt2.zst")
+        ...     variants.append({"id": vid, "level": len(variants), "sparsity": 0.0, "params": 0,
+        ...                      "nonzero_params": 0, "macs": 0, "latency_ms": {"1": 1.0, "8": 2.0},
+        ...                      "accuracy": None, "sparse_accuracy": None, "max_abs_diff": None, **info})
+        >>> _ = write_manifest(d, {"format_version": 1, "input_spec": {"shape": [4], "dtype": "float32"},
+        ...                        "variants": variants})
+        >>> rt = PortfolioRuntime(d, memory_budget_mb=1, profile_batch_sizes=None)
+        >>> rt.variant_ids, rt.active_id
+        (['big', 'small'], 'big')
+        >>> logits, served_by = rt.infer(torch.zeros(5, 4), variant_id="small")   # pinned for this call only
+        >>> logits.shape, served_by, rt.active_id
+        (torch.Size([5, 3]), 'small', 'big')
+        >>> record = rt.switch_to("small", reason="burst")
+        >>> record.from_id, record.to_id, record.ok, rt.active_id
+        ('big', 'small', True, 'small')
+        >>> rt.cached_ids()                              # 'big' stays inflated: it fits the 1 MB budget
+        ['big']
+        >>> sorted(rt.resident_breakdown()), rt.resident_bytes() <= 2**20
+        (['active', 'cache', 'compressed', 'in_flight', 'total'], True)
     """
 
     def __init__(self, path: str | Path, *, memory_budget_mb: float | None = None, initial: str | None = None,

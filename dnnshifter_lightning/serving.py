@@ -6,11 +6,12 @@ Everything here talks to ``127.0.0.1`` only. The plain functions ``archive_comma
 
 Example::
 
+    >>> import json
     >>> from pathlib import Path
     >>> from dnnshifter_lightning.serving import build_archive, TorchServeServer
     >>> mar = build_archive(Path("portfolio"), "digits", Path("store"))        # doctest: +SKIP
     >>> with TorchServeServer(Path("store"), {"digits": "digits.mar"}) as ts:  # doctest: +SKIP
-    ...     status, body = ts.predict("digits", b'{"data": [[[0.0]*8]*8]}')
+    ...     status, body = ts.predict("digits", json.dumps({"data": [[[0.0] * 8] * 8]}).encode())
 """
 
 from __future__ import annotations
@@ -74,11 +75,37 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
 
 
 class ServingError(RuntimeError):
-    """TorchServe failed to build, start, become healthy or stop; the message says why."""
+    """TorchServe failed to build, start, become healthy or stop; the message says why.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> not_a_portfolio = Path(tempfile.mkdtemp())
+        >>> try:
+        ...     build_archive(not_a_portfolio, "digits", not_a_portfolio / "store")
+        ... except ServingError as exc:
+        ...     print(str(exc).endswith("manifest.json is missing"))
+        True
+    """
 
 
 class JavaMissingError(ServingError):
-    """``java`` (17+) is not available; the message says how to install it."""
+    """``java`` (17+) is not available; the message says how to install it.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> from unittest import mock
+        >>> issubclass(JavaMissingError, ServingError)
+        True
+        >>> with mock.patch.dict(os.environ, {"JAVA_HOME": tempfile.mkdtemp()}):   # a JDK-less JAVA_HOME
+        ...     try:
+        ...         check_java()
+        ...     except JavaMissingError as exc:
+        ...         print(str(exc).splitlines()[1])
+        TorchServe 0.12 needs Java 17 (a JRE is enough). Install it with one of:
+    """
 
 
 def check_java() -> str:
@@ -86,6 +113,14 @@ def check_java() -> str:
 
     >>> check_java()  # doctest: +SKIP
     '/usr/bin/java'
+    >>> import os, tempfile
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"JAVA_HOME": tempfile.mkdtemp()}):
+    ...     check_java()
+    Traceback (most recent call last):
+        ...
+    dnnshifter_lightning.serving.JavaMissingError: JAVA_HOME=... has no bin/java.
+    TorchServe 0.12 needs Java 17 ...
     """
     java_home = os.environ.get("JAVA_HOME")
     java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
@@ -115,7 +150,14 @@ def _venv_tool(name: str) -> str:
 
 
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
+    """A TCP port that is free on 127.0.0.1 right now (the OS picks it).
+
+    Example::
+
+        >>> port = free_port()
+        >>> isinstance(port, int) and 0 < port < 65536
+        True
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
@@ -153,6 +195,18 @@ def build_archive(portfolio: Path, model_name: str, export_path: Path, config: P
 
     The portfolio's manifest is read first, so a directory that is not a portfolio fails here, not
     inside TorchServe.
+
+    Example::
+
+        >>> from pathlib import Path
+        >>> build_archive(Path("portfolio"), "digits", Path("store"), {"batchSize": 4})  # doctest: +SKIP
+        PosixPath('store/digits.mar')
+        >>> import tempfile
+        >>> empty = Path(tempfile.mkdtemp())
+        >>> build_archive(empty, "digits", empty / "store")
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.serving.ServingError: ... is not a portfolio: .../manifest.json is missing
     """
     import yaml
 
@@ -223,6 +277,21 @@ class TorchServeServer:
     ``management(method, path, body=None)``, ``model_status(model)``, ``log_text()``, ``ports``,
     ``inference_url``/``management_url``/``metrics_url``, ``inference_headers()``,
     ``management_headers()``, ``key_file``, ``workdir``.
+
+    Doctest (the server is configured but not started here)::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> ts = TorchServeServer(Path(tempfile.mkdtemp()), ["digits"], ports={"inference": 18080})
+        >>> ts.models, ts.inference_url, ts.inference_headers()
+        ({'digits': 'digits.mar'}, 'http://127.0.0.1:18080', {})
+        >>> props = ts.config_properties().splitlines()
+        >>> "load_models=digits=digits.mar" in props, "allowed_urls=file://.*" in props
+        (True, True)
+        >>> ts.stop()                     # never started: this only removes its temporary directories
+        >>> body = json.dumps({"data": [[[0.0] * 8] * 8]}).encode()      # one 1x8x8 digit
+        >>> with TorchServeServer(Path("store"), ["digits"]) as ts:  # doctest: +SKIP
+        ...     status, reply = ts.predict("digits", body)
     """
 
     def __init__(self, store: Path, models: Mapping[str, str] | Sequence[str] | None = None, *, no_auth: bool = True,
@@ -475,7 +544,14 @@ class TorchServeServer:
 
 @dataclass
 class LoadResult:
-    """One request sent by :func:`run_load`. Times are seconds on ``time.monotonic``."""
+    """One request sent by :func:`run_load`. Times are seconds on ``time.monotonic``.
+
+    Example::
+
+        >>> r = LoadResult(scheduled=12.0, latency=0.004, status=200, index=3, variant="level_00", label=7)
+        >>> r.status, r.variant, r.label, r.phase
+        (200, 'level_00', 7, '')
+    """
 
     scheduled: float  #: when it was due (open loop) or sent (closed loop)
     latency: float  #: from ``scheduled`` to the full response (so queueing in the client counts)
@@ -506,6 +582,27 @@ def run_load(port: int, path: str, bodies: Sequence[bytes], *, concurrency: int 
     after the end are dropped and recorded with status 0. Bodies are used round robin. Loopback only.
 
     >>> res = run_load(8080, "/predictions/digits", [b'{"data": ...}'], rate=2, duration_s=3)  # doctest: +SKIP
+
+    Against a stand-in server that answers like the portfolio handler::
+
+        >>> import http.server, json, threading
+        >>> class Handler(http.server.BaseHTTPRequestHandler):
+        ...     protocol_version = "HTTP/1.1"
+        ...     def do_POST(self):
+        ...         self.rfile.read(int(self.headers["Content-Length"]))
+        ...         body = json.dumps({"variant": "level_00", "label": 7}).encode()
+        ...         self.send_response(200)
+        ...         self.send_header("Content-Length", str(len(body)))
+        ...         self.end_headers()
+        ...         self.wfile.write(body)
+        ...     def log_message(self, *args):
+        ...         pass
+        >>> server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        >>> threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+        >>> results = run_load(server.server_port, "/predictions/digits", [b"{}"], concurrency=2, max_requests=6)
+        >>> server.shutdown(); server.server_close()
+        >>> len(results), {(r.status, r.variant, r.label) for r in results}
+        (6, {(200, 'level_00', 7)})
     """
     if not (1 <= concurrency <= 256 and 0 < duration_s <= 600 and 1 <= max_requests <= 1_000_000 and bodies):
         raise ValueError("run_load: need 1..256 clients, 0..600 s, 1..1e6 requests and at least one body")
@@ -564,7 +661,22 @@ def run_load(port: int, path: str, bodies: Sequence[bytes], *, concurrency: int 
 
 def summarize(results: Sequence[LoadResult], labels: Sequence[int] | None = None,
               span_s: float | None = None) -> dict[str, Any]:
-    """Latency percentiles (ms), throughput, error count, accuracy and variant mix of some requests."""
+    """Latency percentiles (ms), throughput, error count, accuracy and variant mix of some requests.
+
+    ``labels[r.index]`` is the true label of the body a result sent; ``span_s`` defaults to the time
+    from the first request due to the last response.
+
+    Example::
+
+        >>> results = [LoadResult(0.0, 0.010, 200, index=0, variant="a", label=3),
+        ...            LoadResult(0.5, 0.020, 200, index=1, variant="b", label=5),
+        ...            LoadResult(0.9, 0.030, 503, index=0)]
+        >>> s = summarize(results, labels=[3, 4], span_s=1.0)
+        >>> s["requests"], s["ok"], s["errors"], s["p50_ms"], s["p99_ms"], s["throughput_rps"]
+        (3, 2, 1, 10.0, 20.0, 2.0)
+        >>> s["accuracy"], s["variants"]
+        (0.5, {'a': 1, 'b': 1})
+    """
     ok = [r for r in results if r.status == 200]
     lat = sorted(r.latency * 1000.0 for r in ok)
 
@@ -588,7 +700,22 @@ def summarize(results: Sequence[LoadResult], labels: Sequence[int] | None = None
 
 
 def read_switches(server: TorchServeServer) -> list[dict[str, Any]]:
-    """Every ``DNNSHIFTER_SWITCH`` the handler logged (from, to, reason, switch_ms, time), oldest first."""
+    """Every ``DNNSHIFTER_SWITCH`` the handler logged (from, to, reason, switch_ms, time), oldest first.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> ts = TorchServeServer(Path(tempfile.mkdtemp()))     # not started: we only read its log dir
+        >>> ts.log_dir.mkdir(parents=True)
+        >>> _ = (ts.log_dir / "model_log.log").write_text(
+        ...     'INFO DNNSHIFTER_SWITCH {"from": "level_00", "to": "level_08", "reason": "burst", '
+        ...     '"switch_ms": 1.2, "time": 1700000000.0}\\n'
+        ...     'INFO an unrelated line\\n')
+        >>> [(s["from"], s["to"], s["reason"]) for s in read_switches(ts)]
+        [('level_00', 'level_08', 'burst')]
+        >>> ts.stop()
+    """
     log = server.log_dir / "model_log.log"
     out = []
     if log.is_file():
@@ -629,7 +756,25 @@ def _fail(console: Any, exc: Exception) -> SystemExit:
 
 def archive_command(portfolio: Path, model_name: str, export_path: Path, config: Path | None = None,
                     force: bool = False, console: Any = None) -> Path:
-    """``dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--config YAML] [--force]``."""
+    """``dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--config YAML] [--force]``.
+
+    Prints where the ``.mar`` went and how to serve it; on failure prints the error and raises
+    ``SystemExit(1)``.
+
+    Example::
+
+        >>> from pathlib import Path
+        >>> archive_command(Path("portfolio"), "digits", Path("store"))  # doctest: +SKIP
+        >>> import io, tempfile
+        >>> from rich.console import Console
+        >>> quiet = Console(file=io.StringIO(), width=200)
+        >>> archive_command(Path(tempfile.mkdtemp()), "digits", Path("store"), console=quiet)
+        Traceback (most recent call last):
+            ...
+        SystemExit: 1
+        >>> "is not a portfolio" in quiet.file.getvalue()
+        True
+    """
     console = _console(console)
     try:
         mar = build_archive(portfolio, model_name, export_path, config, force)
@@ -648,6 +793,26 @@ def serve_command(store: Path, model: str, *, inference_port: int | None = None,
     Ports default to TorchServe's 8080/8081/8082 when free, else free ones. Token authorization
     stays on unless ``no_auth``. The server keeps running in the background (stop it with
     :func:`serve_stop_command`) unless ``foreground``, which serves until Ctrl-C.
+
+    Example::
+
+        >>> from pathlib import Path
+        >>> info = serve_command(Path("store"), "digits")  # doctest: +SKIP
+        >>> info["inference_url"]  # doctest: +SKIP
+        'http://127.0.0.1:8080'
+        >>> serve_stop_command()  # doctest: +SKIP
+        True
+        >>> import io, os, tempfile
+        >>> from unittest import mock
+        >>> from rich.console import Console
+        >>> quiet = Console(file=io.StringIO(), width=200)
+        >>> with mock.patch.dict(os.environ, {"DNNSHIFTER_HOME": tempfile.mkdtemp()}):
+        ...     serve_command(Path(tempfile.mkdtemp()), "digits", console=quiet)   # no digits.mar there
+        Traceback (most recent call last):
+            ...
+        SystemExit: 1
+        >>> "digits.mar not found" in " ".join(quiet.file.getvalue().split())
+        True
     """
     console = _console(console)
     home = state_dir()
@@ -707,7 +872,17 @@ def serve_command(store: Path, model: str, *, inference_port: int | None = None,
 
 
 def serve_stop_command(console: Any = None) -> bool:
-    """``dnnshifter serve --stop``: stop the server ``dnnshifter serve`` started. True if one was running."""
+    """``dnnshifter serve --stop``: stop the server ``dnnshifter serve`` started. True if one was running.
+
+    Example::
+
+        >>> import os, tempfile
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"DNNSHIFTER_HOME": tempfile.mkdtemp()}):   # nothing started
+        ...     serve_stop_command()
+        no server started by `dnnshifter serve` is running
+        False
+    """
     console = _console(console)
     state_file = state_dir() / "serve.json"
     if not state_file.is_file():
@@ -724,7 +899,14 @@ def serve_stop_command(console: Any = None) -> bool:
 # -------------------------------------------------------------------------------- the demo
 
 def json_bodies(x: Any) -> list[bytes]:
-    """One ``{"data": ...}`` request body per input of a batch tensor ``x``."""
+    """One ``{"data": ...}`` request body per input of a batch tensor ``x``.
+
+    Example::
+
+        >>> import torch
+        >>> json_bodies(torch.tensor([[[0.5, 1.0]], [[0.0, -1.0]]]))
+        [b'{"data": [[0.5, 1.0]]}', b'{"data": [[0.0, -1.0]]}']
+    """
     return [json.dumps({"data": row.tolist()}).encode() for row in x]
 
 
@@ -744,6 +926,15 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     percentiles and accuracy per phase. Returns them as a dict (``{"skipped": why}`` without Java).
     ``config`` overrides the archive's model-config (e.g. ``{"handler": {"policy": {...}}}``).
     About 30-60 s including TorchServe's start.
+
+    Example::
+
+        >>> from pathlib import Path
+        >>> report = run_demo_serving(Path("demo_out/portfolio"), Path("demo_out/serve"))  # doctest: +SKIP
+        >>> sorted(report["phases"])  # doctest: +SKIP
+        ['burst', 'idle', 'light']
+        >>> for s in report["switches"]:  # doctest: +SKIP
+        ...     print(f'{s["at_s"]:6.2f} s  {s["from"]} -> {s["to"]}: {s["reason"]}')
     """
     from rich.table import Table
 

@@ -49,7 +49,26 @@ __all__ = ["prune_structurally", "PruneResult", "StructuralPruningError"]
 
 class StructuralPruningError(RuntimeError):
     """The model could not be pruned exactly: it could not be analysed, or the pruned model's outputs
-    differ from the sparse model's beyond the tolerance."""
+    differ from the sparse model's beyond the tolerance.
+
+    Example::
+
+        >>> import torch
+        >>> import lightning as L
+        >>> from torch import nn
+        >>> class Branchy(L.LightningModule):            # torch.fx cannot trace data-dependent control flow
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 2)
+        ...     def forward(self, x):
+        ...         return self.fc(x) if x.sum() > 0 else -self.fc(x)
+        >>> prune_structurally(Branchy(), torch.ones(2, 4))
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.structured.StructuralPruningError: could not trace Branchy.forward with torch.fx ...
+        >>> prune_structurally(Branchy().fc, torch.ones(2, 4)).params_after    # the inner module is fine
+        10
+    """
 
 
 @dataclass
@@ -62,6 +81,23 @@ class PruneResult:
     folded exactly into the consumers' biases) and ``folded_approx`` (folded into a padded conv,
     ``approximate=True`` only). ``kept_unsupported`` names layers whose channels were kept because
     the analysis could not prove removal safe (and why).
+
+    Example::
+
+        >>> import torch
+        >>> from dnnshifter_lightning.models import DigitsCNN
+        >>> model = DigitsCNN(width=4).eval()
+        >>> with torch.no_grad():
+        ...     model.features[0].weight[:2] = 0          # 2 of the first conv's 4 filters are dead
+        >>> result = prune_structurally(model, torch.randn(4, 1, 8, 8))
+        >>> result.removed["features.0"]
+        {'before': 4, 'after': 2, 'reasons': {'zero_constant': 2}}
+        >>> result.channels_removed, result.reason_counts, result.kept_unsupported
+        (2, {'zero_constant': 2}, {})
+        >>> result.params_before, result.params_after         # the BNs were fused into the convs, too
+        (4782, 4634)
+        >>> result.model.features[0], result.max_abs_diff <= result.tolerance
+        (Conv2d(1, 2, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1)), True)
     """
 
     model: nn.Module
