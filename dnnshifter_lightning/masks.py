@@ -270,6 +270,11 @@ def mask_digest(masks: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+#: Optimizers whose update of a weight with zero gradient and zero state is exactly zero.
+_ZERO_STAYS_ZERO = frozenset({torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
+                              torch.optim.Adagrad, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam})
+
+
 class MaskEnforcer:
     """Keeps pruned weights at exactly 0.0 through optimizer steps.
 
@@ -277,9 +282,13 @@ class MaskEnforcer:
       pruned entries as soon as backward accumulates it. (A ``step`` pre-hook would be too early under
       Lightning, which runs backward inside ``optimizer.step(closure)``.) With zero gradients, weight
       decay, momentum and Adam moments of a pruned weight stay at zero, so nothing regrows.
-    * Weights: a ``register_step_post_hook`` on each optimizer multiplies the weights by their masks
-      after every step (one fused ``torch._foreach_mul_``), which also covers optimizers that move
-      parameters whose gradient is zero.
+    * Weights: a ``register_step_post_hook`` multiplies the weights by their masks after every step
+      (one fused ``torch._foreach_mul_``), which covers optimizers that move parameters whose
+      gradient is zero. torch's own SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam and RAdam
+      (exactly those classes, not subclasses) provably leave a weight at 0.0 when its gradient and
+      state are 0.0 (weight decay and momentum terms are then 0 too), so they skip this pass: it
+      would cost as much memory traffic as the gradient masking itself. The IMP callback still
+      checks every pruned weight at the end of each level.
 
     Example::
 
@@ -336,11 +345,12 @@ class MaskEnforcer:
                     value.mul_(m.to(value.dtype))
 
     def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """Install the post-step hook on each optimizer (idempotent)."""
+        """Install the post-step hook on each optimizer that needs it (idempotent)."""
         for opt in optimizers:
             if id(opt) in self._attached:
                 continue
-            self._handles.append(opt.register_step_post_hook(lambda *_: self.zero_weights()))
+            if type(opt) not in _ZERO_STAYS_ZERO:
+                self._handles.append(opt.register_step_post_hook(lambda *_: self.zero_weights()))
             self._attached.append(id(opt))
 
     def detach(self) -> None:

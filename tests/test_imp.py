@@ -227,3 +227,35 @@ def test_excluded_and_lower_rate_layers(tmp_path):
 )
 def test_parse_rewind_point(value, expected):
     assert parse_rewind_point(value) == expected
+
+
+class _NoisySGD(torch.optim.SGD):
+    """An 'exotic' optimizer: after the SGD step it nudges every parameter, zero gradient or not."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(1e-3)
+        return loss
+
+
+class _NoisyClassifier(DigitsClassifier):
+    def configure_optimizers(self):
+        return _NoisySGD(self.parameters(), lr=0.01)
+
+
+def test_an_optimizer_that_moves_zero_gradient_weights_cannot_regrow_them(tmp_path):
+    """torch's own optimizers skip the post-step re-zeroing (they provably keep zeros); any other
+    optimizer, a subclass included, gets it after every step."""
+    L.seed_everything(2)
+    imp = IterativeMagnitudePruning(levels=2, epochs_per_level=1, rewind_to=0, checkpoint_dir=tmp_path, verbose=False)
+    probe = Probe(imp)
+    trainer = make_trainer(imp, tmp_path, extra_callbacks=[probe])
+    trainer.fit(_NoisyClassifier(width=8), datamodule=small_datamodule(train_limit=256))
+    assert probe.violations == 0 and probe.steps_checked >= 8
+    state = load_level(tmp_path / "level_02.ckpt")["state_dict"]
+    meta = level_meta(tmp_path / "level_02.ckpt")
+    assert all(torch.all(state[n][~m] == 0) for n, m in meta["masks"].items())
+    assert all(torch.all(state[n][m] != 0) for n, m in meta["masks"].items())  # the noise did reach survivors
