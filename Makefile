@@ -23,11 +23,13 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
-# Every benchmark, on the demo's portfolio (trained first if $(DEMO_OUT) has none); rewrites the README tables.
+# Every benchmark, on the demo's checkpoints and portfolio (trained first if $(DEMO_OUT) has none);
+# rewrites the README tables and benchmarks/results/*.json.
 bench: install
-	$(PY) benchmarks/bench_training.py --readme
-	$(PY) benchmarks/bench_pruning.py --readme
 	test -f $(DEMO_OUT)/portfolio/manifest.json || $(VENV)/bin/dnnshifter demo --out $(DEMO_OUT) --no-serve
+	$(PY) benchmarks/bench_training.py --readme
+	$(PY) benchmarks/bench_training.py --long --readme
+	$(PY) benchmarks/bench_pruning.py --imp-dir $(DEMO_OUT)/imp --readme
 	$(PY) benchmarks/bench_switching.py --portfolio $(DEMO_OUT)/portfolio --readme
 	$(PY) benchmarks/bench_serving.py --portfolio $(DEMO_OUT)/portfolio --readme
 	$(PY) benchmarks/summary.py --readme

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def report(result: dict[str, Any], readme: bool) -> None:
+def report(result: dict[str, Any], readme: bool, block: str = "training") -> None:
     table = Table(title=f"Whole-fit time, {result['config']['epochs']} epochs ({machine_line(result['machine'])})")
     for col in ("contender", "median s", "x plain"):
         table.add_column(col, justify="left" if col == "contender" else "right")
@@ -112,8 +112,8 @@ def report(result: dict[str, Any], readme: bool) -> None:
     md = (f"{cfg['model']} on digits, {cfg['levels'] + 1} levels x {cfg['epochs_per_level']} epochs at "
           f"{cfg['prune_fraction']:.0%}, median of {cfg['rounds']} interleaved rounds. "
           f"Machine: {machine_line(result['machine'])}.\n\n" + md)
-    if readme and not update_readme("training", md):
-        Console().print("[yellow]README has no <!-- bench:training --> block; table not written")
+    if readme and not update_readme(block, md):
+        Console().print(f"[yellow]README has no <!-- bench:{block} --> block; table not written")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,15 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 level, tiny model")
+    p.add_argument("--long", action="store_true",
+                   help="longer levels (3 levels x 8 epochs, 3 rounds): how the per-level costs amortise; "
+                        "writes bench_training_long.json and the README block training_long")
     p.add_argument("--readme", action="store_true", help="replace the README table")
     args = p.parse_args(argv)
     if args.quick:
         args.levels, args.epochs_per_level, args.rounds, args.width, args.train_limit = 1, 1, 1, 8, 128
+    elif args.long:
+        args.levels, args.epochs_per_level, args.rounds = 2, 8, 3
     torch.set_float32_matmul_precision("highest")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     result = run(args)
-    path = write_json("bench_training" + ("_quick" if args.quick else ""), result)
-    report(result, args.readme and not args.quick)
+    name = "bench_training" + ("_quick" if args.quick else "_long" if args.long else "")
+    path = write_json(name, result)
+    report(result, args.readme and not args.quick, block="training_long" if args.long else "training")
     Console().print(f"wrote {path}")
     return 0
 

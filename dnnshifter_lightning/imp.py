@@ -431,7 +431,7 @@ class IterativeMagnitudePruning(Callback):
         """Write the sparse checkpoint of the level just trained, log it, record it."""
         for name, w in self._weights.items():  # belt and braces: an exotic optimizer may have regrown zeros
             m = self.masks[name].to(w.device)
-            if bool((w[~m] != 0).any()):
+            if bool((w.ne(0) & ~m).any()):
                 rank_zero_warn(f"pruned entries of {name} were non-zero at the end of level {self.level}; re-zeroed")
                 w.mul_(m.to(w.dtype))
         surviving, prunable = count_surviving(self.masks)
