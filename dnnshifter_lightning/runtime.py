@@ -2,9 +2,10 @@
 
 At start the runtime verifies the sha256 of every file, loads each variant once, and splits it into
 a *skeleton* (the ``GraphModule`` with ``meta`` tensors: its code, no weight memory) and its weights,
-packed into one flat, aligned byte buffer that is kept zstd-compressed in memory. A switch then costs
-what the paper's floor is, decompressing that variant's weight bytes: straight into a fresh buffer,
-whose slices become the skeleton's parameters as views. No graph is parsed on a switch.
+packed into one flat, aligned byte buffer that is kept zstd-compressed in memory, in frames of 1 MiB.
+A switch then costs what the paper's floor is, decompressing that variant's weight bytes: straight
+into a fresh buffer, frames in parallel, whose slices become the skeleton's parameters as views. No
+graph is parsed on a switch.
 
 Safety:
 
@@ -47,10 +48,12 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import os
 import statistics
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -128,38 +131,77 @@ class _Spec:
     nbytes: int
 
 
-class _Codec:
-    """zstd (default) or zlib/DEFLATE (the paper's choice, kept for comparison)."""
+#: Raw bytes per independently compressed frame: frames inflate in parallel, each into its own
+#: slice of the variant's buffer (zstd and zlib release the GIL while they work).
+FRAME_BYTES = 1 << 20
 
-    def __init__(self, name: str, level: int | None) -> None:
+
+def _default_inflate_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class _Codec:
+    """zstd (default) or zlib/DEFLATE (the paper's choice, kept for comparison), in frames of
+    :data:`FRAME_BYTES` raw bytes that inflate on ``threads`` threads."""
+
+    def __init__(self, name: str, level: int | None, threads: int | None = None) -> None:
         if name not in ("zstd", "zlib"):
             raise ValueError(f"codec must be 'zstd' or 'zlib', got {name!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"inflate_threads must be >= 1 or None, got {threads!r}")
         self.name = name
         self.level = level if level is not None else (3 if name == "zstd" else 6)
+        self.threads = threads or _default_inflate_threads()
+        self._pool: ThreadPoolExecutor | None = None
 
-    def compress(self, data: memoryview) -> bytes:
+    def _compress_frame(self, data: memoryview) -> bytes:
         if self.name == "zlib":
             return zlib.compress(data, self.level)
         return zstandard.ZstdCompressor(level=self.level, write_checksum=True, write_content_size=True).compress(data)
 
-    def decompress_into(self, blob: bytes, out: torch.Tensor) -> None:
-        view = memoryview(out.numpy())
-        size = len(view)
+    def compress(self, data: memoryview) -> tuple[bytes, list[int]]:
+        """The compressed frames, concatenated, and the size of each."""
+        frames = [self._compress_frame(data[i:i + FRAME_BYTES]) for i in range(0, len(data), FRAME_BYTES)]
+        frames = frames or [self._compress_frame(data)]
+        return b"".join(frames), [len(f) for f in frames]
+
+    def _inflate_frame(self, src: memoryview, dst: memoryview) -> None:
+        size = len(dst)
         if self.name == "zlib":
-            data = zlib.decompress(blob, bufsize=size)
+            data = zlib.decompress(src, bufsize=max(size, 1))
             if len(data) != size:
                 raise ValueError(f"inflated {len(data)} bytes, expected {size}")
-            view[:] = data
+            dst[:] = data
             return
         filled = 0
-        with zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=False) as reader:
+        with zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=False) as reader:
             while filled < size:
-                n = reader.readinto(view[filled:])
+                n = reader.readinto(dst[filled:])
                 if n == 0:
                     break
                 filled += n
             if filled != size or reader.read(1):
                 raise ValueError(f"inflated {filled}+ bytes, expected exactly {size}")
+
+    def decompress_into(self, blob: bytes, frame_sizes: Sequence[int], out: torch.Tensor) -> None:
+        """Inflates every frame into its slice of ``out``; raises if any frame is corrupt."""
+        if sum(frame_sizes) != len(blob):
+            raise ValueError(f"compressed weights are {len(blob)} bytes, their frames add up to {sum(frame_sizes)}")
+        view, src = memoryview(out.numpy()), memoryview(blob)
+        jobs, pos = [], 0
+        for i, n in enumerate(frame_sizes):
+            jobs.append((src[pos:pos + n], view[i * FRAME_BYTES:min(len(view), (i + 1) * FRAME_BYTES)]))
+            pos += n
+        if len(jobs) == 1 or self.threads == 1:
+            for s, d in jobs:
+                self._inflate_frame(s, d)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dnnshifter-inflate")
+        futures = [self._pool.submit(self._inflate_frame, s, d) for s, d in jobs]
+        wait(futures)  # every frame is done with ``out`` before this returns or raises
+        for f in futures:
+            f.result()
 
 
 class _Variant:
@@ -182,7 +224,7 @@ class _Variant:
         flat = torch.zeros(max(offset, 1), dtype=torch.uint8)[:offset]
         for spec, tensor in zip(specs, state.values()):
             flat[spec.offset:spec.offset + spec.nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
-        self.blob = codec.compress(memoryview(flat.numpy()))
+        self.blob, self.frame_sizes = codec.compress(memoryview(flat.numpy()))
         self.buffer: torch.Tensor | None = flat  # weights are live while a buffer is held
         self._assign(flat)
         self.users = 0
@@ -202,7 +244,7 @@ class _Variant:
 
     def inflate(self, codec: _Codec) -> None:
         flat = torch.empty(max(self.nbytes, 1), dtype=torch.uint8)[:self.nbytes]
-        codec.decompress_into(self.blob, flat)
+        codec.decompress_into(self.blob, self.frame_sizes, flat)
         self._assign(flat)
         self.buffer = flat
 
@@ -229,6 +271,8 @@ class PortfolioRuntime:
             (:meth:`measure_profiles`); ``None`` uses the manifest's build-time ``latency_ms``.
         codec: ``"zstd"`` (default) or ``"zlib"`` (DEFLATE, for comparison with the paper).
         compression_level: codec level (zstd 3, zlib 6 by default).
+        inflate_threads: threads that inflate a variant's frames in parallel on a switch (default:
+            the number of cores, at most 4).
 
     Thread-safe: requests may run concurrently with each other and with :meth:`switch_to`.
 
@@ -265,9 +309,9 @@ class PortfolioRuntime:
 
     def __init__(self, path: str | Path, *, memory_budget_mb: float | None = None, initial: str | None = None,
                  profile_batch_sizes: Sequence[int] | None = (1, 8), codec: str = "zstd",
-                 compression_level: int | None = None) -> None:
+                 compression_level: int | None = None, inflate_threads: int | None = None) -> None:
         self.path = Path(path)
-        self._codec = _Codec(codec, compression_level)
+        self._codec = _Codec(codec, compression_level, inflate_threads)
         self.manifest: dict[str, Any] = verify_portfolio(self.path)  # sha256 of every file, names the bad one
         self.variant_ids: list[str] = [v["id"] for v in self.manifest["variants"]]
         if initial is not None and initial not in self.variant_ids:

@@ -247,3 +247,48 @@ def test_zlib_codec_matches(portfolio, references, x):
     rt = PortfolioRuntime(portfolio, profile_batch_sizes=None, codec="zlib")
     rt.switch_to("l1")
     torch.testing.assert_close(rt(x), _ref(references, "l1", x), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def big_portfolio(tmp_path_factory):
+    """Two variants of several 1 MiB frames each (DigitsCNN width 64 holds ~4.6 MB of weights)."""
+    from dnnshifter_lightning.runtime import FRAME_BYTES
+
+    d = tmp_path_factory.mktemp("big_portfolio")
+    variants = []
+    for level, (vid, sparsity) in enumerate((("wide", 0.0), ("wide_sparse", 0.9))):
+        model = _imp_like(64, sparsity, seed=10 + level)
+        info = save_variant(model, torch.randn(2, 1, 8, 8), d / f"{vid}.pt2.zst")
+        variants.append({"id": vid, "level": level, "sparsity": sparsity, "params": 0, "nonzero_params": 0,
+                         "macs": 0, "latency_ms": {"1": 1.0, "8": 2.0}, "accuracy": 0.9 - 0.1 * level,
+                         "sparse_accuracy": None, "max_abs_diff": 0.0, **info})
+    write_manifest(d, {"format_version": 1, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
+                       "variants": variants})
+    assert all(v["bytes_raw"] > 3 * FRAME_BYTES for v in variants)
+    return d
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_multi_frame_variants_inflate_exactly_on_any_thread_count(big_portfolio, x, threads):
+    refs = {vid: load_variant(big_portfolio / f"{vid}.pt2.zst") for vid in ("wide", "wide_sparse")}
+    rt = PortfolioRuntime(big_portfolio, profile_batch_sizes=None, inflate_threads=threads)
+    assert len(rt._variants["wide"].frame_sizes) > 3
+    for vid in ("wide_sparse", "wide", "wide_sparse"):
+        rt.switch_to(vid)
+        torch.testing.assert_close(rt(x), _ref(refs, vid, x), rtol=0, atol=0)
+
+
+def test_corrupt_middle_frame_fails_the_switch_and_keeps_the_active_variant(big_portfolio, x):
+    rt = PortfolioRuntime(big_portfolio, profile_batch_sizes=None, inflate_threads=2)
+    v = rt._variants["wide_sparse"]
+    blob = bytearray(v.blob)
+    middle = sum(v.frame_sizes[:2]) + v.frame_sizes[2] // 2  # inside the third frame
+    blob[middle] ^= 0xFF
+    v.blob = bytes(blob)
+    before = rt(x)
+    with pytest.raises(SwitchError, match="'wide' stays active"):
+        rt.switch_to("wide_sparse")
+    assert rt.active_id == "wide"
+    torch.testing.assert_close(rt(x), before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="inflate_threads"):
+        PortfolioRuntime(big_portfolio, profile_batch_sizes=None, inflate_threads=0)
