@@ -256,7 +256,7 @@ def readme_table(result: dict[str, Any]) -> str:
              f"{r['resident_bytes']['ours'] / 1024:.0f}", f"{r['memory_saving_vs_c']:.2f}x"] for r in rows]
     s = result["summary"]
     lines = [markdown_table(headers, body), "",
-             f"Median switch: {s['switch_speedup_vs_a_median']:.0f}x faster than loading from disk (goal 12x: "
+             f"Median switch: {s['switch_speedup_vs_a_median']:.1f}x faster than loading from disk (goal 12x: "
              f"{'met' if s['goal_switch_12x_vs_a'] else 'not met'})"
              + (f", {s['switch_speedup_vs_b_median']:.0f}x faster than TorchServe's register + set-default"
                 if "switch_speedup_vs_b_median" in s else "")

@@ -154,7 +154,9 @@ def test_each_bad_input_gets_an_error_and_the_server_keeps_serving(server, local
     assert server.model_status(MODEL) == "READY"
 
 
-def test_burst_switches_down_and_light_load_climbs_back(server, local):
+def _burst_then_light_load(server, local):
+    """A sustained burst until a cheaper variant answers, then light load until the most accurate
+    one answers again; returns the switches the handler logged."""
     x, y = digits_samples(64)
     bodies = [json_body(x[i]) for i in range(len(x))]
     path, top = f"/predictions/{MODEL}", local.variant_ids[0]
@@ -183,7 +185,11 @@ def test_burst_switches_down_and_light_load_climbs_back(server, local):
             back = True
             break
     assert back, "the handler never climbed back to the most accurate variant"
-    switches = read_switches(server)
+    return read_switches(server)
+
+
+def test_burst_switches_down_and_light_load_climbs_back(server, local):
+    switches = _burst_then_light_load(server, local)
     order = local.variant_ids
     downs = [s for s in switches if order.index(s["to"]) > order.index(s["from"])]
     ups = [s for s in switches if order.index(s["to"]) < order.index(s["from"])]
@@ -269,3 +275,32 @@ def test_serve_command_starts_with_auth_and_stop_command_stops(store, tmp_path, 
             break
         assert time.monotonic() < deadline, "server still answering after stop"
         time.sleep(0.2)
+
+
+class _BareTorchServe(TorchServeServer):
+    """``torchserve --start --model-store STORE --models digits=digits.mar`` with nothing else set:
+    TorchServe's defaults (token auth on, default worker count, log metrics, queue size...) apart
+    from the addresses, which must be free loopback ports in a test."""
+
+    def config_properties(self) -> str:
+        props = {"inference_address": self.inference_url, "management_address": self.management_url,
+                 "metrics_address": self.metrics_url, "grpc_inference_port": self.ports.grpc_inference,
+                 "grpc_management_port": self.ports.grpc_management,
+                 "load_models": ",".join(f"{n}={m}" for n, m in self.models.items())}
+        return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def test_plain_torchserve_start_serves_and_switches_with_the_archives_defaults(store, local, tmp_path):
+    ts = _BareTorchServe(store, [MODEL], no_auth=False, workdir=tmp_path / "bare")
+    try:
+        ts.start()
+        assert "disable_token_authorization" not in (tmp_path / "bare" / "config.properties").read_text()
+        assert ts.key_file.is_file()  # token auth is on by default
+        status, body = serving._http("POST", ts.ports.inference, f"/predictions/{MODEL}",
+                                     json_body(digits_samples(1)[0][0]))
+        assert status in (400, 401, 403) and b"label" not in body  # no token, no prediction (0.12 answers 400)
+        switches = _burst_then_light_load(ts, local)
+        assert switches, "no DNNSHIFTER_SWITCH line in the model log"
+    finally:
+        ts.stop()
+    assert not ts._alive()
