@@ -223,7 +223,10 @@ class _Variant:
         self.nbytes = offset
         flat = torch.zeros(max(offset, 1), dtype=torch.uint8)[:offset]
         for spec, tensor in zip(specs, state.values()):
-            flat[spec.offset:spec.offset + spec.nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+            t = tensor.detach().contiguous().reshape(-1)
+            if t.is_floating_point():
+                t = t + 0.0  # -0.0 -> +0.0 (equal values; compresses and inflates far better), see structured.py
+            flat[spec.offset:spec.offset + spec.nbytes].copy_(t.view(torch.uint8))
         self.blob, self.frame_sizes = codec.compress(memoryview(flat.numpy()))
         self.buffer: torch.Tensor | None = flat  # weights are live while a buffer is held
         self._assign(flat)

@@ -215,6 +215,7 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
         lap("surgery")
         if fuse_bn:
             _fuse_batchnorms(dg, work)
+        _positive_zeros_(work)
         lap("fuse")
     except StructuralPruningError:
         raise
@@ -309,6 +310,20 @@ def _compare(ref: list[torch.Tensor], out: list[torch.Tensor]) -> tuple[float, f
     if diff != diff or scale != scale:
         raise StructuralPruningError("non-finite outputs; cannot verify the pruned model")
     return diff, scale
+
+
+@torch.no_grad()
+def _positive_zeros_(model: nn.Module) -> None:
+    """Turns every -0.0 in the floating weights into +0.0 (``x + 0.0``; nothing else changes).
+
+    IMP's masks leave a pruned negative weight at -0.0, whose bit pattern (the sign bit) is not
+    zero: in the demo's variants over a third of all weight words were -0.0, and zstd compressed
+    them 4x worse and inflated them 4x slower than the same variants with +0.0. The values are equal,
+    so the function is the same; verification below checks it as always.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            tensor.add_(0.0)
 
 
 def _fuse_batchnorms(dg, model: nn.Module) -> int:

@@ -292,3 +292,14 @@ def test_corrupt_middle_frame_fails_the_switch_and_keeps_the_active_variant(big_
     torch.testing.assert_close(rt(x), before, rtol=0, atol=0)
     with pytest.raises(ValueError, match="inflate_threads"):
         PortfolioRuntime(big_portfolio, profile_batch_sizes=None, inflate_threads=0)
+
+
+def test_negative_zeros_are_stored_as_positive_zeros(portfolio, references, x):
+    """Masked negative weights are -0.0 in the files; the runtime packs +0.0 (equal values)."""
+    ref = references["l1"]
+    assert any(bool((torch.signbit(p) & (p == 0)).any()) for p in ref.parameters())
+    rt = PortfolioRuntime(portfolio, profile_batch_sizes=None)
+    rt.switch_to("l1")
+    live = rt._variants["l1"].module
+    assert not any(bool((torch.signbit(p) & (p == 0)).any()) for p in live.parameters())
+    torch.testing.assert_close(rt(x), _ref(references, "l1", x), rtol=0, atol=0)

@@ -99,6 +99,9 @@ def test_equivalent_and_smaller_under_imp_like_sparsity(arch: str) -> None:
     torch.manual_seed(0)
     build, shape = ARCHITECTURES[arch]
     sparse = imp_like(build())
+    with torch.no_grad():
+        for p in sparse.parameters():
+            p[p == 0] = -0.0  # IMP's mask multiply leaves pruned negative weights at -0.0
     snapshot = copy.deepcopy(sparse.state_dict())
     sparse.train()  # the input's mode must survive too
 
@@ -115,6 +118,10 @@ def test_equivalent_and_smaller_under_imp_like_sparsity(arch: str) -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules() if arch != "custom_two_branch")
     # same function on inputs it never saw, not just on the example inputs
     assert_same_function(sparse, result, torch.randn(3, *shape))
+    # pruned negative weights (-0.0 after masking) leave as +0.0: same values, far better compression
+    assert any(bool((torch.signbit(v) & (v == 0)).any()) for v in sparse.state_dict().values() if v.is_floating_point())
+    assert not any(bool((torch.signbit(t) & (t == 0)).any()) for t in [*result.model.parameters(), *result.model.buffers()]
+                   if t.is_floating_point())
 
 
 def test_removes_exactly_the_dead_filters_and_reports_why() -> None:
