@@ -132,34 +132,36 @@ def _role(dg, dep) -> tuple[str, str]:
 class NonzeroMap:
     """For each conv/Linear, which (output, input) channel pairs hold a nonzero weight.
 
-    Built with one scan per weight. Removals stay virtual until the end (removed rows and columns
-    are masked out), so the cascade of channels that die because their only readers or writers
-    went is found without slicing or re-scanning anything; each layer is sliced once.
+    Built with one scan per weight. Removals stay virtual until the end: each layer keeps, per
+    output row and per input column, how many live pairs it still has, and a removal subtracts the
+    removed rows' (or columns') pairs from those counts. So the cascade of channels that die because
+    their only readers or writers went is found without slicing or re-scanning anything, at a cost
+    proportional to what was removed; each layer is sliced once at the end.
     """
 
     def __init__(self) -> None:
         self._nz: dict[int, torch.Tensor] = {}
-        self._gone: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # removed (rows, columns)
-        self._memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # per module: [live pairs per row, live pairs per column, rows gone, columns gone]
+        self._state: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pending: dict[int, tuple[nn.Module, list, list]] = {}
 
     def _pairs(self, module: nn.Module) -> torch.Tensor:
-        if id(module) not in self._nz:
+        key = id(module)
+        if key not in self._nz:
             w = module.weight.detach()
             # uint8 + amax: bool .any(dim) is an order of magnitude slower on CPU
-            self._nz[id(module)] = w.ne(0).view(torch.uint8).reshape(w.shape[0], w.shape[1], -1).amax(dim=2)
-            self._gone[id(module)] = (torch.zeros(w.shape[0], dtype=torch.bool), torch.zeros(w.shape[1], dtype=torch.bool))
-        return self._nz[id(module)]
+            pairs = w.ne(0).view(torch.uint8).reshape(w.shape[0], w.shape[1], -1).amax(dim=2)
+            self._nz[key] = pairs
+            self._state[key] = (pairs.sum(dim=1, dtype=torch.int32), pairs.sum(dim=0, dtype=torch.int32),
+                                torch.zeros(w.shape[0], dtype=torch.bool), torch.zeros(w.shape[1], dtype=torch.bool))
+        return self._nz[key]
 
     def zero_slices(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Booleans per channel: (input slice all zero, output filter all zero), ignoring the
-        weights of removed outputs and removed inputs."""
-        if id(module) not in self._memo:
-            pairs = self._pairs(module)
-            rows, cols = self._gone[id(module)]
-            pairs = pairs.masked_fill(rows[:, None], 0).masked_fill(cols[None, :], 0)
-            self._memo[id(module)] = (pairs.amax(dim=0) == 0, pairs.amax(dim=1) == 0)
-        return self._memo[id(module)]
+        weights of removed outputs and removed inputs (removed channels count as zero)."""
+        self._pairs(module)
+        rows, cols, gone_rows, gone_cols = self._state[id(module)]
+        return (cols == 0) | gone_cols, (rows == 0) | gone_rows
 
     def record(self, module: nn.Module, axis: int, idxs: list[int]) -> None:
         """Marks channels as removed (axis 0: outputs, 1: inputs); takes effect at :meth:`commit`."""
@@ -171,15 +173,22 @@ class NonzeroMap:
         channel became all-zero because of them (only groups touching those can lose more)."""
         new_dead: set[int] = set()
         for key, (module, rows, cols) in self._pending.items():
-            self._pairs(module)
+            pairs = self._pairs(module)
+            row_live, col_live, gone_rows, gone_cols = self._state[key]
             before_in, before_out = self.zero_slices(module)
-            gone_rows, gone_cols = self._gone[key]
-            gone_rows[rows] = True
+            new_rows = torch.as_tensor(sorted(set(rows)), dtype=torch.long)
+            new_rows = new_rows[~gone_rows[new_rows]]
+            if new_rows.numel():
+                col_live -= pairs[new_rows].sum(dim=0, dtype=torch.int32)
+                gone_rows[new_rows] = True
             if gone_cols.numel() > 1:  # a depthwise conv's single input column is never removed
-                gone_cols[cols] = True
-            self._memo.pop(key, None)
+                new_cols = torch.as_tensor(sorted(set(cols)), dtype=torch.long)
+                new_cols = new_cols[~gone_cols[new_cols]]
+                if new_cols.numel():
+                    row_live -= pairs[:, new_cols].sum(dim=1, dtype=torch.int32)
+                    gone_cols[new_cols] = True
             after_in, after_out = self.zero_slices(module)
-            if int((after_in & ~before_in & ~gone_cols).sum()) or int((after_out & ~before_out & ~gone_rows).sum()):
+            if bool((after_in & ~before_in & ~gone_cols).any()) or bool((after_out & ~before_out & ~gone_rows).any()):
                 new_dead.add(key)
         self._pending.clear()
         return new_dead

@@ -141,6 +141,24 @@ def test_removes_exactly_the_dead_filters_and_reports_why() -> None:
     assert_same_function(net, result, torch.randn(5, 1, 8, 8))
 
 
+def test_removal_cascades_to_channels_that_only_removed_filters_read() -> None:
+    """Removing conv 2's unread filters leaves conv 1's channels 4-7 with no reader left: they must
+    go too, in a second pass over the virtual state, and the function must not change."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10)).eval()
+    with torch.no_grad():
+        net[4].weight[:, :4] = 0  # conv 3 never reads conv 2's channels 0-3 ...
+        net[2].weight[4:, 4:] = 0  # ... which are the only filters of conv 2 reading conv 1's channels 4-7
+    result = prune_structurally(net, torch.randn(4, 1, 8, 8))
+    assert result.removed["2"] == {"before": 8, "after": 4, "reasons": {"unread": 4}}
+    assert result.removed["0"] == {"before": 8, "after": 4, "reasons": {"unread": 4}}
+    assert result.passes == [4, 4]
+    assert result.model[2].weight.shape[:2] == (4, 4)
+    assert_same_function(net, result, torch.randn(5, 1, 8, 8))
+
+
 def _positive_constant_into_padded_conv() -> nn.Module:
     net = imp_like(DigitsCNN(width=8), sparsity=0.0, filter_frac=0.0, slice_frac=0.0)
     with torch.no_grad():
