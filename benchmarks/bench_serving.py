@@ -28,7 +28,6 @@ import random
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch

@@ -51,7 +51,6 @@ from torch import nn
 from .masks import (
     DEFAULT_PRUNABLE_TYPES,
     MaskEnforcer,
-    apply_masks_,
     count_surviving,
     find_prunable,
     mask_digest,

@@ -1,0 +1,183 @@
+"""A bounded HTTP load generator for the serving demo, tests and benchmarks (loopback only).
+
+:func:`run_load` sends JSON bodies to ``http://127.0.0.1:PORT/PATH`` closed loop (a saturating burst
+of back-to-back clients) or open loop (requests due at a fixed rate, latency counted from when each
+was due), always bounded by a duration and a request count. :func:`summarize` turns the results
+into latency percentiles, throughput and accuracy. Nothing here knows about TorchServe.
+
+Example::
+
+    >>> results = [LoadResult(0.0, 0.012, 200, index=0, variant="level_14", label=3)]
+    >>> summarize(results, labels=[3], span_s=1.0)["accuracy"]
+    1.0
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+__all__ = ["LoadResult", "run_load", "summarize", "LOOPBACK"]
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class LoadResult:
+    """One request sent by :func:`run_load`. Times are seconds on ``time.monotonic``.
+
+    Example::
+
+        >>> r = LoadResult(scheduled=12.0, latency=0.004, status=200, index=3, variant="level_00", label=7)
+        >>> r.status, r.variant, r.label, r.phase
+        (200, 'level_00', 7, '')
+    """
+
+    scheduled: float  #: when it was due (open loop) or sent (closed loop)
+    latency: float  #: from ``scheduled`` to the full response (so queueing in the client counts)
+    status: int  #: HTTP status, or 0 when the connection failed
+    index: int  #: which body of ``bodies`` was sent
+    variant: str | None = None
+    label: int | None = None
+    phase: str = ""
+
+
+def _parse_reply(body: bytes) -> tuple[str | None, int | None]:
+    try:
+        reply = json.loads(body)
+        return reply.get("variant"), reply.get("label")
+    except (ValueError, AttributeError):
+        return None, None
+
+
+def run_load(port: int, path: str, bodies: Sequence[bytes], *, concurrency: int = 8, duration_s: float = 5.0,
+             max_requests: int = 10_000, rate: float | None = None, headers: Mapping[str, str] | None = None,
+             phase: str = "", timeout: float = 30.0) -> list[LoadResult]:
+    """Send requests to ``http://127.0.0.1:PORT/PATH`` for at most ``duration_s`` and ``max_requests``.
+
+    Closed loop (``rate=None``): ``concurrency`` clients send back to back, a saturating burst.
+    Open loop (``rate`` per second): requests are due at fixed intervals and sent by at most
+    ``concurrency`` clients; latency counts from when a request was due, so a server that falls
+    behind shows it (no coordinated omission); requests still unsent ``max(1, duration_s/2)`` s
+    after the end are dropped and recorded with status 0. Bodies are used round robin. Loopback only.
+
+    >>> res = run_load(8080, "/predictions/digits", [b'{"data": ...}'], rate=2, duration_s=3)  # doctest: +SKIP
+
+    Against a stand-in server that answers like the portfolio handler::
+
+        >>> import http.server, json, threading
+        >>> class Handler(http.server.BaseHTTPRequestHandler):
+        ...     protocol_version = "HTTP/1.1"
+        ...     def do_POST(self):
+        ...         self.rfile.read(int(self.headers["Content-Length"]))
+        ...         body = json.dumps({"variant": "level_00", "label": 7}).encode()
+        ...         self.send_response(200)
+        ...         self.send_header("Content-Length", str(len(body)))
+        ...         self.end_headers()
+        ...         self.wfile.write(body)
+        ...     def log_message(self, *args):
+        ...         pass
+        >>> server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        >>> threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+        >>> results = run_load(server.server_port, "/predictions/digits", [b"{}"], concurrency=2, max_requests=6)
+        >>> server.shutdown(); server.server_close()
+        >>> len(results), {(r.status, r.variant, r.label) for r in results}
+        (6, {(200, 'level_00', 7)})
+    """
+    if not (1 <= concurrency <= 256 and 0 < duration_s <= 600 and 1 <= max_requests <= 1_000_000 and bodies):
+        raise ValueError("run_load: need 1..256 clients, 0..600 s, 1..1e6 requests and at least one body")
+    if rate is not None and not 0 < rate <= 10_000:
+        raise ValueError("run_load: rate must be in (0, 10000] requests per second")
+    start = time.monotonic()
+    deadline = start + duration_s
+    hard_deadline = deadline + max(1.0, 0.5 * duration_s)
+    results: list[LoadResult] = []
+    lock = threading.Lock()
+    counter = iter(range(max_requests))
+    hdrs = dict(headers or {})
+    hdrs.setdefault("Content-Type", "application/json")
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+        try:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                due = start + i / rate if rate else time.monotonic()
+                if due >= deadline:
+                    return
+                if time.monotonic() > hard_deadline:  # too far behind: the rest is dropped, not sent late
+                    with lock:
+                        results.append(LoadResult(due, hard_deadline - due, 0, i % len(bodies), phase=phase))
+                    continue
+                if rate:
+                    time.sleep(max(0.0, due - time.monotonic()))
+                body = bodies[i % len(bodies)]
+                try:
+                    conn.request("POST", path, body=body, headers=hdrs)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    status = resp.status
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+                    status, data = 0, b""
+                variant, label = _parse_reply(data) if status == 200 else (None, None)
+                res = LoadResult(due, time.monotonic() - due, status, i % len(bodies), variant, label, phase)
+                with lock:
+                    results.append(res)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration_s + timeout + 5)
+    return sorted(results, key=lambda r: r.scheduled)
+
+
+def summarize(results: Sequence[LoadResult], labels: Sequence[int] | None = None,
+              span_s: float | None = None) -> dict[str, Any]:
+    """Latency percentiles (ms), throughput, error count, accuracy and variant mix of some requests.
+
+    ``labels[r.index]`` is the true label of the body a result sent; ``span_s`` defaults to the time
+    from the first request due to the last response.
+
+    Example::
+
+        >>> results = [LoadResult(0.0, 0.010, 200, index=0, variant="a", label=3),
+        ...            LoadResult(0.5, 0.020, 200, index=1, variant="b", label=5),
+        ...            LoadResult(0.9, 0.030, 503, index=0)]
+        >>> s = summarize(results, labels=[3, 4], span_s=1.0)
+        >>> s["requests"], s["ok"], s["errors"], s["p50_ms"], s["p99_ms"], s["throughput_rps"]
+        (3, 2, 1, 10.0, 20.0, 2.0)
+        >>> s["accuracy"], s["variants"]
+        (0.5, {'a': 1, 'b': 1})
+    """
+    ok = [r for r in results if r.status == 200]
+    lat = sorted(r.latency * 1000.0 for r in ok)
+
+    def pct(q: float) -> float | None:
+        return round(lat[min(len(lat) - 1, max(0, int(round(q / 100.0 * len(lat))) - 1))], 3) if lat else None
+
+    if span_s is None:
+        span_s = (max(r.scheduled + r.latency for r in results) - min(r.scheduled for r in results)) if results else 0
+    correct = sum(1 for r in ok if labels is not None and r.label == labels[r.index])
+    variants: dict[str, int] = {}
+    for r in ok:
+        variants[r.variant or "?"] = variants.get(r.variant or "?", 0) + 1
+    return {
+        "requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
+        "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+        "throughput_rps": round(len(ok) / span_s, 2) if span_s else None,
+        "accuracy": round(correct / len(ok), 4) if ok and labels is not None else None,
+        "correct_per_s": round(correct / span_s, 2) if span_s and labels is not None else None,
+        "variants": variants, "span_s": round(span_s, 3),
+    }
