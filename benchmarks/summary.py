@@ -29,7 +29,8 @@ def _load(name: str) -> dict[str, Any] | None:
 
 def _where(result: dict[str, Any]) -> str:
     m = result["machine"]
-    return f"{m['date']}, {m['cpu_count']} CPU cores" + (f", {m['gpu']}" if m.get("gpu") else "")
+    cpu = " ".join(w for w in m.get("cpu", "").replace("(R)", "").replace("(TM)", "").split() if w != "Processor")
+    return f"{m['date']}, {m['cpu_count']} CPU cores" + (f" ({cpu})" if cpu else "") + (f", {m['gpu']}" if m.get("gpu") else "")
 
 
 def rows() -> list[list[str]]:
