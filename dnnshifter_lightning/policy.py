@@ -10,10 +10,12 @@ Each observation is ``(batch_size, service_seconds, queue_delay_seconds)`` plus 
 served it. Over sliding windows the policy derives:
 
 * **occupancy**: the fraction of wall time the worker was busy. Busy time is the batches' service
-  time plus every gap between two batches shorter than ``backlog_gap_ms``: a batch that starts right
-  after the previous one ended was already waiting, so that gap is framework overhead under a
-  backlog, not idle time. A saturated worker reads about 1.0 even when the model is only part of
-  the per-batch cost.
+  time plus every gap between two batches shorter than ``backlog_gap_ms``, and the gap before a
+  *full* batch (``max_batch_size`` > 1 requests) when it is no longer than that batch's service
+  time. A batch that starts right after the previous one ended, or that is full, was already
+  waiting, so that gap is framework overhead under a backlog (TorchServe's frontend, and on a small
+  machine the clients, take the CPU between batches), not idle time. A saturated worker reads
+  about 1.0 even when the model is only part of the per-batch cost.
 * **batch fill**: mean batch size over the largest batch the server forms (``max_batch_size``).
   A batching server near its capacity forms full batches; one that keeps up forms small ones even
   when it is busy most of the time.
@@ -357,13 +359,17 @@ class LoadPolicy:
             raise ValueError(f"unknown variant {vid!r}")
         own_size = int(batch_size) - int(pinned_requests)
         own_service = max(0.0, service_seconds - pinned_seconds) if own_size else 0.0
+        self._largest_seen = max(self._largest_seen, int(batch_size))
         busy = service_seconds
         if self._last_end is not None:
             gap = now - service_seconds - self._last_end
-            if 0 < gap < self.config.backlog_gap_ms / 1000.0:
+            # a full batch was already queued when the worker asked for it (unless max_batch_size
+            # requests arrived within the server's batch delay): a gap before it that is no longer
+            # than its own service is framework time under a backlog, not idle time
+            full = self.batch_limit > 1 and batch_size >= self.batch_limit
+            if 0 < gap and (gap < self.config.backlog_gap_ms / 1000.0 or (full and gap <= service_seconds)):
                 busy += gap
         self._last_end = now
-        self._largest_seen = max(self._largest_seen, int(batch_size))
         self._batches.append(_Batch(now, int(batch_size), busy, own_size, own_service, queue_delay_seconds, vid))
         if own_size:
             ratio = min(max(own_service / self.profiles[vid].seconds(own_size), 0.05), 20.0)

@@ -186,6 +186,36 @@ def test_overhead_bound_saturation_is_detected():
     assert policy.history and policy.history[0][0] - 5.0 <= 2.0
 
 
+def test_full_batches_after_long_framework_gaps_are_saturation():
+    # measured on a 2-core box under a 16-client burst: full batches, ~21 ms of service, ~9 ms
+    # between batches (TorchServe's frontend and the clients share the CPU). Those gaps exceed
+    # backlog_gap_ms, but a full batch was waiting: the worker is saturated and must step down.
+    policy, clock = make()
+    arrivals = poisson(lambda t: 20.0 if t < 5 else 1200.0, 12.0, seed=6)
+    result = simulate(policy, clock, arrivals, overhead=0.009)
+    first_down = result.first_time(5.0, lambda v: v != "v0")
+    assert first_down is not None and first_down - 5.0 <= 2.0, first_down
+    assert "saturated" in policy.history[0][3]
+
+
+def test_full_batches_after_idle_gaps_are_not_saturation():
+    # synchronised clients: 8 requests at once every 50 ms. Every batch is full, but the worker
+    # (16 ms per batch of 8 on v0) idles 34 ms between them: it keeps up, so it stays on v0
+    policy, clock = make()
+    arrivals = [k * 0.05 + j * 1e-6 for k in range(400) for j in range(8)]
+    result = simulate(policy, clock, arrivals)
+    assert {v for _, v in result.timeline} == {"v0"} and policy.history == []
+
+
+def test_without_batching_a_gap_is_idle_unless_shorter_than_backlog_gap():
+    # batch size 1, Poisson at 70% of v0's capacity: most gaps are shorter than the 4 ms service
+    # (few under the 1 ms backlog gap), but a lone request is always a "full" batch, so that says
+    # nothing about a backlog
+    policy, clock = make(PolicyConfig(backlog_gap_ms=1.0), max_batch_size=1)
+    result = simulate(policy, clock, poisson(lambda t: 175.0, 20.0, seed=7), max_batch=1, overhead=0.0)
+    assert {v for _, v in result.timeline} == {"v0"} and policy.history == [], policy.history
+
+
 def test_slo_excludes_slow_variants_and_reacts_to_slowdown():
     # v0 takes 4 ms for one request: above a 3 ms SLO, so the policy starts on v1 and never climbs
     policy, clock = make(PolicyConfig(slo_ms=3.0))
