@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .loadgen import LOOPBACK, LoadResult, run_load, summarize
+from .policy import pareto_variants
 
 __all__ = [
     "JavaMissingError", "ServingError", "check_java", "free_port", "default_model_config",
@@ -801,7 +802,8 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     console.print(f"[bold]serving {mar.name} with TorchServe[/] (127.0.0.1, {len(bodies)} held-out digits as requests)")
     with TorchServeServer(mar.parent, {model_name: mar.name}, no_auth=no_auth, workdir=workdir / "torchserve") as ts:
         top = json.loads(ts.predict(model_name, bodies[0])[1]).get("variant")
-        manifest_ids = [v["id"] for v in json.loads((Path(portfolio_dir) / "manifest.json").read_text())["variants"]]
+        manifest = json.loads((Path(portfolio_dir) / "manifest.json").read_text())
+        manifest_ids = [v["id"] for v in manifest["variants"]]
         top = manifest_ids[0] if manifest_ids else top
         wall0, mono0 = time.time(), time.monotonic()
         hdrs = ts.inference_headers()
@@ -831,7 +833,14 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
         table.add_column(col)
     for s in switches:
         table.add_row(f"{s['at_s']:.2f}", s["from"], s["to"], s["reason"], f"{s['switch_ms']:.2f}")
-    console.print(table if switches else "[yellow]no switch happened (the burst did not saturate the server)[/]")
+    front = pareto_variants(manifest["variants"])  # what the handler's policy moves along
+    if switches:
+        console.print(table)
+    elif len(front) == 1:
+        console.print(f"[yellow]no switch: {front[0]} is both the most accurate and the cheapest variant (the "
+                      f"accuracy/MACs front has one variant), so the policy has nothing to switch to[/]")
+    else:
+        console.print(f"[yellow]no switch happened: the burst did not saturate the worker on {top}[/]")
     table = Table(title="serving per phase (latency from when each request was due)")
     for col in ("phase", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "req/s", "accuracy", "served by"):
         table.add_column(col, justify="right" if col not in ("phase", "served by") else "left")
@@ -842,4 +851,4 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
                       "-" if p["accuracy"] is None else f"{p['accuracy']:.1%}", mix)
     console.print(table)
     return {"model": model_name, "archive": str(mar), "phases": phases, "switches": switches,
-            "most_accurate": top, "concurrency": concurrency, "idle_rate": idle_rate}
+            "most_accurate": top, "front": front, "concurrency": concurrency, "idle_rate": idle_rate}

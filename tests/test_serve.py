@@ -304,3 +304,44 @@ def test_plain_torchserve_start_serves_and_switches_with_the_archives_defaults(s
     finally:
         ts.stop()
     assert not ts._alive()
+
+
+def _demo_serving(portfolio_dir: Path, workdir: Path, **kw) -> tuple[dict, str]:
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    report = serving.run_demo_serving(portfolio_dir, workdir, console, **kw)
+    return report, console.export_text()
+
+
+def test_demo_serving_reports_the_switches_and_each_phase(portfolio, local, tmp_path):
+    report, text = _demo_serving(portfolio, tmp_path / "demo", burst_s=4.0, idle_s=15.0)
+    assert report["front"] == local.variant_ids  # no accuracies in this manifest: every variant is kept
+    assert sorted(report["phases"]) == ["burst", "idle", "light"]
+    for name, phase in report["phases"].items():
+        assert phase["requests"] > 0 and phase["errors"] == 0, (name, phase)
+    order = local.variant_ids
+    downs = [s for s in report["switches"] if order.index(s["to"]) > order.index(s["from"])]
+    assert downs, report["switches"]
+    assert "variant switches seen by the handler" in text and downs[0]["to"] in text
+    assert report["phases"]["idle"]["variants"].get(order[0]), "never back on the most accurate variant"
+
+
+def test_demo_serving_says_why_a_one_variant_front_never_switches(portfolio, tmp_path):
+    # the cheapest variant is also the most accurate (what a small validation split can give):
+    # it dominates the others, so the policy stays on it under any load, and the demo says so
+    one = tmp_path / "one_front"
+    shutil.copytree(portfolio, one)
+    manifest = json.loads((one / "manifest.json").read_text())
+    variants = manifest["variants"][::-1]
+    for i, v in enumerate(variants):
+        v["accuracy"], v["macs"] = 0.99 - 0.01 * i, 1000 * (i + 1)
+    manifest["variants"] = variants
+    serving_ids = [v["id"] for v in variants]
+    from dnnshifter_lightning.portfolio import write_manifest
+
+    write_manifest(one, manifest)
+    report, text = _demo_serving(one, tmp_path / "demo", burst_s=2.0, idle_s=5.0)
+    assert report["front"] == serving_ids[:1] and report["switches"] == []
+    assert f"{serving_ids[0]} is both the most accurate and the cheapest" in " ".join(text.split())
+    assert set(report["phases"]["burst"]["variants"]) == {serving_ids[0]}
