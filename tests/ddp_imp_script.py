@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 
 import dnnshifter_lightning.imp as imp_mod
 from dnnshifter_lightning import IterativeMagnitudePruning
