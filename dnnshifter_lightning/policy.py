@@ -10,12 +10,16 @@ Each observation is ``(batch_size, service_seconds, queue_delay_seconds)`` plus 
 served it. Over sliding windows the policy derives:
 
 * **occupancy**: the fraction of wall time the worker was busy. Busy time is the batches' service
-  time plus every gap between two batches shorter than ``backlog_gap_ms``, and the gap before a
-  *full* batch (``max_batch_size`` > 1 requests) when it is no longer than that batch's service
-  time. A batch that starts right after the previous one ended, or that is full, was already
-  waiting, so that gap is framework overhead under a backlog (TorchServe's frontend, and on a small
-  machine the clients, take the CPU between batches), not idle time. A saturated worker reads
-  about 1.0 even when the model is only part of the per-batch cost.
+  time plus every gap between two batches shorter than ``backlog_gap_ms``: a batch that starts
+  right after the previous one ended was already waiting, so that gap is framework overhead under a
+  backlog, not idle time. When the server holds a batch open for at most ``backlog_gap_ms``
+  (``max_batch_delay_ms``, TorchServe's ``maxBatchDelay``), the gap before a *full* batch
+  (``max_batch_size`` > 1 requests) also counts, up to that batch's service time: so many requests
+  could not have gathered in so short a window unless they were queued, and on a small machine the
+  frontend and the clients take the CPU between batches, so those gaps grow past
+  ``backlog_gap_ms`` exactly when the worker is saturated. With a longer batch delay the server
+  itself waits to fill batches, and a full batch says nothing about a backlog. A saturated worker
+  reads about 1.0 even when the model is only part of the per-batch cost.
 * **batch fill**: mean batch size over the largest batch the server forms (``max_batch_size``).
   A batching server near its capacity forms full batches; one that keeps up forms small ones even
   when it is busy most of the time.
@@ -292,6 +296,8 @@ class LoadPolicy:
         clock: returns seconds (monotonic); injected for tests.
         config: thresholds, see :class:`PolicyConfig`.
         initial: the variant active at start (default: the most accurate one that meets the SLO).
+        max_batch_delay_ms: how long the server holds a batch open to fill it (TorchServe
+            ``maxBatchDelay``); ``None`` if unknown. See *occupancy* above.
         max_batch_size: the largest batch the server forms (TorchServe ``batchSize``); default: the
             largest batch observed so far.
 
@@ -304,7 +310,8 @@ class LoadPolicy:
 
     def __init__(self, variant_ids: Sequence[str], profiles: Mapping[str, Mapping[Any, float]], *,
                  clock: Callable[[], float] = time.monotonic, config: PolicyConfig | None = None,
-                 initial: str | None = None, max_batch_size: int | None = None) -> None:
+                 initial: str | None = None, max_batch_size: int | None = None,
+                 max_batch_delay_ms: float | None = None) -> None:
         self.variant_ids = list(variant_ids)
         if not self.variant_ids or len(set(self.variant_ids)) != len(self.variant_ids):
             raise ValueError(f"variant_ids must be non-empty and unique, got {self.variant_ids}")
@@ -313,6 +320,8 @@ class LoadPolicy:
             raise ValueError(f"no latency profile for variant(s) {missing}")
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_delay_ms is not None and not max_batch_delay_ms >= 0:
+            raise ValueError(f"max_batch_delay_ms must be >= 0 or None, got {max_batch_delay_ms}")
         self.profiles = {v: LatencyProfile(profiles[v]) for v in self.variant_ids}
         self.config = config or PolicyConfig()
         for name, vid in (("fixed_variant", self.config.fixed_variant), ("initial", initial)):
@@ -320,6 +329,7 @@ class LoadPolicy:
                 raise ValueError(f"{name} {vid!r} is not a variant of this portfolio {self.variant_ids}")
         self.clock = clock
         self.max_batch_size = max_batch_size
+        self.max_batch_delay_ms = max_batch_delay_ms
         self._largest_seen = 1
         self._batches: deque[_Batch] = deque()
         self._last_end: float | None = None
@@ -363,10 +373,10 @@ class LoadPolicy:
         busy = service_seconds
         if self._last_end is not None:
             gap = now - service_seconds - self._last_end
-            # a full batch was already queued when the worker asked for it (unless max_batch_size
-            # requests arrived within the server's batch delay): a gap before it that is no longer
-            # than its own service is framework time under a backlog, not idle time
-            full = self.batch_limit > 1 and batch_size >= self.batch_limit
+            # a full batch that the server did not wait long to fill was queued: a gap before it that
+            # is no longer than its own service is framework time under a backlog, not idle time
+            full = (self.batch_limit > 1 and batch_size >= self.batch_limit and self.max_batch_delay_ms is not None
+                    and self.max_batch_delay_ms <= self.config.backlog_gap_ms)
             if 0 < gap and (gap < self.config.backlog_gap_ms / 1000.0 or (full and gap <= service_seconds)):
                 busy += gap
         self._last_end = now

@@ -46,6 +46,14 @@ def _bad(status: int, message: str) -> dict:
     return {"status": status, "error": message}
 
 
+def _batch_delay_ms(yaml_cfg: dict) -> float:
+    """The archive's ``maxBatchDelay`` (TorchServe's default, 100 ms, when it sets none)."""
+    value = yaml_cfg.get("maxBatchDelay", 100)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"maxBatchDelay must be a number of milliseconds >= 0, got {value!r}")
+    return float(value)
+
+
 class PortfolioHandler(BaseHandler):
     """Serves the portfolio packed into the ``.mar``; see the module docstring."""
 
@@ -79,7 +87,8 @@ class PortfolioHandler(BaseHandler):
             candidates = pareto_variants(self.manifest["variants"], keep=keep)
             logger.info("DNNSHIFTER_CANDIDATES %s of %s", json.dumps(candidates), json.dumps(self.runtime.variant_ids))
             self.policy = LoadPolicy(candidates, self._profiles(props), config=config,
-                                     max_batch_size=int(props.get("batch_size") or 1))
+                                     max_batch_size=int(props.get("batch_size") or 1),
+                                     max_batch_delay_ms=_batch_delay_ms(yaml_cfg))
         except ValueError as exc:
             logger.error("DNNSHIFTER_REFUSED bad handler options in model-config.yaml: %s", exc)
             raise
