@@ -330,6 +330,9 @@ class LoadPolicy:
         self.clock = clock
         self.max_batch_size = max_batch_size
         self.max_batch_delay_ms = max_batch_delay_ms
+        # the server does not hold batches open long: a full batch after a short gap was queued
+        self._full_batches_mean_backlog = (max_batch_delay_ms is not None
+                                           and max_batch_delay_ms <= self.config.backlog_gap_ms)
         self._largest_seen = 1
         self._batches: deque[_Batch] = deque()
         self._last_end: float | None = None
@@ -373,10 +376,9 @@ class LoadPolicy:
         busy = service_seconds
         if self._last_end is not None:
             gap = now - service_seconds - self._last_end
-            # a full batch that the server did not wait long to fill was queued: a gap before it that
-            # is no longer than its own service is framework time under a backlog, not idle time
-            full = (self.batch_limit > 1 and batch_size >= self.batch_limit and self.max_batch_delay_ms is not None
-                    and self.max_batch_delay_ms <= self.config.backlog_gap_ms)
+            # a gap before such a full batch that is no longer than its own service is framework time
+            # under a backlog, not idle time
+            full = self._full_batches_mean_backlog and self.batch_limit > 1 and batch_size >= self.batch_limit
             if 0 < gap and (gap < self.config.backlog_gap_ms / 1000.0 or (full and gap <= service_seconds)):
                 busy += gap
         self._last_end = now
