@@ -10,10 +10,15 @@ follows the rules in ``docs/design-notes/structured.md``:
   Linear, a conv without padding, a layer after global pooling). A padded conv cannot (its borders
   see zero padding, not the constant), so such channels stay unless ``approximate=True``;
 * coupled channels (residual adds, concat, BN, depthwise convs) go only when dead in every member of
-  their group (Torch-Pruning's ``DependencyGraph`` finds the groups and slices them);
+  their group (Torch-Pruning's ``DependencyGraph`` finds the groups; we slice each layer once);
 * BN layers that follow a conv or Linear are fused into it (``torch.nn.utils.fusion``);
 * the result is checked against the sparse model on ``example_inputs`` and a difference beyond
   ``rtol * max|y_sparse|`` raises :class:`StructuralPruningError`.
+
+The dependency analysis (Torch-Pruning's autograd trace and the grouping) depends only on the
+model's structure, so it is cached: the later checkpoints of one architecture, such as the levels
+of an IMP run, reuse the first one's and pay only for reading their own weights, one forward pass,
+the copy and the verification.
 
 Example::
 
@@ -33,19 +38,22 @@ Example::
 from __future__ import annotations
 
 import copy
+import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["prune_structurally", "PruneResult", "StructuralPruningError"]
+__all__ = ["prune_structurally", "PruneResult", "StructuralPruningError", "clear_analysis_cache"]
 
 class StructuralPruningError(RuntimeError):
     """The model could not be pruned exactly: it could not be analysed, or the pruned model's outputs
@@ -80,7 +88,11 @@ class PruneResult:
     consumer reads it), ``zero_constant`` (constant zero after the activation), ``folded`` (constant
     folded exactly into the consumers' biases) and ``folded_approx`` (folded into a padded conv,
     ``approximate=True`` only). ``kept_unsupported`` names layers whose channels were kept because
-    the analysis could not prove removal safe (and why).
+    the analysis could not prove removal safe (and why). ``analysis_reused`` says whether the
+    dependency analysis came from the cache (an earlier model of the same structure);
+    ``timings`` gives seconds per stage: ``trace`` (the analysis, near 0 when reused),
+    ``forward`` (reference output and input statistics), ``analyse`` (which channels go, with
+    ``analyse.*`` sub-stages), ``slice`` (the new model) and ``verify``.
 
     Example::
 
@@ -112,6 +124,7 @@ class PruneResult:
     kept_unsupported: dict[str, str] = field(default_factory=dict)
     passes: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    analysis_reused: bool = False
 
     @property
     def channels_removed(self) -> int:
@@ -139,6 +152,12 @@ def prune_structurally(model: nn.Module, example_inputs: Any, *, approximate: bo
         fuse_bn: fuse each BN that follows a conv/Linear into it, so variants run without BN.
         rtol: verification tolerance: raise if ``max|y_pruned - y_sparse| > rtol * max(max|y_sparse|, 1e-6)``.
 
+    The dependency analysis is cached per structure (the forward code, every layer's name, type,
+    plain settings and tensor shapes, and the example inputs' shapes): see
+    :func:`clear_analysis_cache`. A forward that depends on anything else (a global flag, say) may
+    get a stale analysis; verification then refuses the result rather than return a different
+    function.
+
     Raises:
         StructuralPruningError: when the model cannot be traced or the check fails.
 
@@ -156,6 +175,83 @@ def prune_structurally(model: nn.Module, example_inputs: Any, *, approximate: bo
     return _prune(model, example_inputs, mode="approximate" if approximate else "exact", fuse_bn=fuse_bn, rtol=rtol)
 
 
+_ARCHITECTURES: OrderedDict[tuple, Any] = OrderedDict()  # structure key -> _surgery.Architecture, LRU
+_ARCHITECTURES_MAX = 16
+_ARCHITECTURES_LOCK = threading.Lock()
+
+
+def clear_analysis_cache() -> None:
+    """Forget every cached dependency analysis (see :func:`prune_structurally`).
+
+    The analysis depends only on the model's structure, so later checkpoints of one architecture
+    reuse it. Clearing is only needed to measure a cold run, or after patching the analysis.
+
+    Example::
+
+        >>> import torch
+        >>> from dnnshifter_lightning.models import DigitsCNN
+        >>> net, x = DigitsCNN(width=4).eval(), torch.randn(2, 1, 8, 8)
+        >>> clear_analysis_cache()
+        >>> prune_structurally(net, x).analysis_reused, prune_structurally(net, x).analysis_reused
+        (False, True)
+    """
+    with _ARCHITECTURES_LOCK:
+        _ARCHITECTURES.clear()
+
+
+def _structure_key(model: nn.Module, inputs: tuple) -> tuple:
+    """Everything the traced graph depends on besides weight values: the forward code, every
+    layer's name, type, plain settings and tensor shapes, and the example inputs' shapes."""
+    def settings(m: nn.Module) -> tuple:
+        return tuple(sorted((k, v) for k, v in vars(m).items()
+                            if k != "training" and not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))
+                            and (not isinstance(v, tuple) or all(isinstance(e, (bool, int, float, str)) for e in v))))
+
+    code = model.code if isinstance(model, torch.fx.GraphModule) else type(model)
+    layers = tuple((name, type(m), settings(m),
+                    tuple((k, tuple(t.shape), t.dtype) for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None))
+                   for name, m in model.named_modules())
+    leaves = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in tree_flatten(inputs)[0])
+    return code, layers, leaves
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """The model in eval mode, and every module's ``training`` flag restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _analyse_architecture(src: nn.Module, inputs: tuple, names: dict) -> Any:
+    """Traces ``src`` once with Torch-Pruning (autograd, so its parameters briefly require grad)
+    and returns the name-based :class:`_surgery.Architecture`. ``src`` ends unchanged."""
+    from . import _surgery as surgery
+
+    counts: Counter = Counter()
+    grads = [(p, p.requires_grad) for p in src.parameters()]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: counts.update([names[mod]]))
+             for m in src.modules() if isinstance(m, (_ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm))]
+    try:
+        for p, _ in grads:
+            p.requires_grad_(True)  # Torch-Pruning traces autograd
+        with _eval_mode(src), torch.enable_grad():
+            dg = surgery.tp.DependencyGraph().build_dependency(src, example_inputs=inputs,
+                                                               forward_fn=lambda net, x: net(*x), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means we cannot analyse the model
+        raise StructuralPruningError(f"could not build the dependency graph of {type(src).__name__}: {exc!r}") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in grads:
+            p.requires_grad_(flag)
+    return surgery.describe(dg, names, {n for n, c in counts.items() if c > 1})
+
+
 def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, rtol: float) -> PruneResult:
     """:func:`prune_structurally` with ``mode`` ``"exact"``, ``"approximate"`` or ``"dnnshifter"``
     (DNNShifter's rule, which may change the function: for the benchmark's comparison only)."""
@@ -163,10 +259,6 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
 
     start = time.perf_counter()
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-    def run(net: nn.Module) -> Any:
-        return net(*inputs)
-
     timings: dict[str, float] = {}
     mark = start
 
@@ -176,62 +268,55 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
         timings[stage] = timings.get(stage, 0.0) + now - mark
         mark = now
 
-    work = _working_copy(model)
-    lap("copy")
-    params_before = _count_params(work)
-    names = {m: n for n, m in work.named_modules()}
-    shapes_before = _out_channels(work)
-
-    # One traced forward pass gives Torch-Pruning its graph, us the reference output, how often each
-    # layer runs (a shared layer cannot be sliced for one use only) and every layer's input statistics.
-    captured: dict[str, Any] = {}
-    counts: Counter = Counter()
-
-    def traced_forward(net: nn.Module, x: tuple) -> Any:
-        captured["out"] = net(*x)
-        return captured["out"]
-
-    for p in work.parameters():
-        p.requires_grad_(True)  # Torch-Pruning traces autograd
-    layers = [m for m in work.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    counter = [m.register_forward_pre_hook(lambda mod, args: counts.update([names[mod]]))
-               for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    try:
-        with torch.enable_grad():
-            stats = surgery.measure_inputs(work, lambda net: surgery.tp.DependencyGraph().build_dependency(
-                net, example_inputs=inputs, forward_fn=traced_forward, verbose=False), layers, counts=counts, names=names)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means we cannot analyse the model
-        raise StructuralPruningError(f"could not build the dependency graph of {type(model).__name__}: {exc!r}") from exc
-    finally:
-        for h in counter:
-            h.remove()
-    dg = stats.pop("result")
-    ref_leaves = [t.detach() for t in _tensor_leaves(captured["out"], "sparse model")]
-    reused = {n for n, c in counts.items() if c > 1}
+    src = _source(model)  # the model itself, or its torch.fx trace (sharing its tensors)
+    modules = dict(src.named_modules())
+    names = {m: n for n, m in modules.items()}
+    key = _structure_key(src, inputs)
+    with _ARCHITECTURES_LOCK:
+        arch = _ARCHITECTURES.get(key)
+        if arch is not None:
+            _ARCHITECTURES.move_to_end(key)
+    reused_analysis = arch is not None
+    if arch is None:
+        arch = _analyse_architecture(src, inputs, names)
+        with _ARCHITECTURES_LOCK:
+            _ARCHITECTURES[key] = arch
+            while len(_ARCHITECTURES) > _ARCHITECTURES_MAX:
+                _ARCHITECTURES.popitem(last=False)
     lap("trace")
 
+    # One plain forward pass gives the reference output and every conv/Linear's input statistics
+    # (which channels are constants, and their values).
+    layers = [m for m in modules.values() if isinstance(m, (_ConvNd, nn.Linear))]
     try:
-        log = surgery.remove_dead_channels(dg, work, names, reused, stats, mode)
-        lap("surgery")
-        if fuse_bn:
-            _fuse_batchnorms(dg, work)
-        _positive_zeros_(work)
-        lap("fuse")
+        with _eval_mode(src), torch.no_grad():
+            stats = surgery.measure_inputs(src, lambda net: net(*inputs), layers)
+    except Exception as exc:  # noqa: BLE001
+        raise StructuralPruningError(f"{type(model).__name__} fails on the example inputs: {exc!r}") from exc
+    ref_leaves = _tensor_leaves(stats.pop("result"), "sparse model")
+    lap("forward")
+
+    try:
+        plans = arch.bind(modules)
+        log, deltas = surgery.remove_dead_channels(plans, stats, mode)
+        cuts = surgery.removals(plans, log)
+        lap("analyse")
+        work = _sliced_copy(src, modules, cuts, deltas, arch.fusions if fuse_bn else [])
+        lap("slice")
     except StructuralPruningError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise StructuralPruningError(f"channel surgery failed on {type(model).__name__}: {exc!r}") from exc
 
-    if log.unsupported:
+    if arch.unsupported:
         warnings.warn(
             "prune_structurally kept the channels of layers it cannot analyse safely: "
-            + "; ".join(f"{k}: {v}" for k, v in sorted(log.unsupported.items())[:8])
-            + (" ..." if len(log.unsupported) > 8 else ""), stacklevel=2)
+            + "; ".join(f"{k}: {v}" for k, v in sorted(arch.unsupported.items())[:8])
+            + (" ..." if len(arch.unsupported) > 8 else ""), stacklevel=3)
 
-    work.eval()
     try:
         with torch.no_grad():
-            out_leaves = _tensor_leaves(run(work), "pruned model")
+            out_leaves = _tensor_leaves(work(*inputs), "pruned model")
     except StructuralPruningError:
         raise
     except Exception as exc:  # noqa: BLE001 - a pruned model that cannot even run is a failed surgery
@@ -247,36 +332,124 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
             f"pruned {type(model).__name__} differs from the sparse model: max|diff| = {diff:.3g} > "
             f"rtol * max|y| = {rtol:g} * {scale:.3g}; refusing to return a different function")
 
-    shapes_after = _out_channels(work)
+    shapes_before, shapes_after = _out_channels(src), _out_channels(work)
     removed = {}
     for name, before in shapes_before.items():
         after = shapes_after.get(name, before)
         removed[name] = {"before": before, "after": after, "reasons": dict(log.removed_reasons.get(name, {}))}
     return PruneResult(
-        model=work, params_before=params_before, params_after=_count_params(work), removed=removed,
+        model=work, params_before=_count_params(src), params_after=_count_params(work), removed=removed,
         seconds=time.perf_counter() - start, max_abs_diff=diff, approx_error=approx_error,
-        tolerance=tolerance, output_scale=scale, kept_unsupported=dict(log.unsupported),
-        passes=list(log.passes), timings={**timings, **{f"surgery.{k}": v for k, v in log.timings.items()}})
+        tolerance=tolerance, output_scale=scale, kept_unsupported=dict(arch.unsupported),
+        passes=list(log.passes), timings={**timings, **{f"analyse.{k}": v for k, v in log.timings.items()}},
+        analysis_reused=reused_analysis)
+
+
+@torch.no_grad()
+def _sliced_copy(src: nn.Module, modules: dict[str, nn.Module], cuts: dict[str, tuple[list, list]],
+                 deltas: dict[int, tuple[nn.Module, torch.Tensor]], fusions: list[tuple[str, str]]) -> nn.Module:
+    """A new eval-mode model: ``src``'s structure, each layer's tensors copied once with the cut
+    channels left out, folded constants added to the biases, and (``fusions``) each BN folded into
+    the conv or Linear before it (``torch.nn.utils.fusion``) and replaced by ``nn.Identity``.
+
+    The module tree is copied with ``copy.deepcopy`` whose memo already maps every tensor to its
+    new version, so no tensor is copied twice and ``src`` is never changed.
+
+    Pruned negative weights leave as +0.0 (``x + 0.0``): IMP's masks leave them at -0.0, whose
+    bit pattern is not zero; zstd compressed such variants 4x worse and inflated them 4x slower.
+    The values are equal, so the function is the same (verification checks it as always).
+    """
+    names = {m: n for n, m in modules.items()}
+    folded = {names[module]: delta for module, delta in deltas.values()}
+    fusions = [(layer, bn) for layer, bn in fusions
+               if modules[bn].track_running_stats and modules[bn].running_mean is not None
+               and not (isinstance(modules[layer], _ConvNd) and modules[layer].transposed)]
+    fused = {name for pair in fusions for name in pair}  # their tensors are replaced below: copy none
+    memo: dict[int, Any] = {}
+    sizes: dict[str, tuple[int | None, int | None]] = {}  # layer -> (outputs, inputs) left, if cut
+    for name, module in modules.items():
+        own = [(k, t) for k, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
+        if not own:
+            continue
+        rows, cols = cuts.get(name, ((), ()))
+        size = module.weight.shape[0] if isinstance(module, (_ConvNd, nn.Linear)) else getattr(module, "num_features", None)
+        keep_rows = _keep(size, rows) if rows else None
+        keep_cols = _keep(module.weight.shape[1], cols) if cols and isinstance(module, (_ConvNd, nn.Linear)) \
+            and not _is_depthwise(module) else None
+        for k, t in own:
+            if id(t) in memo:
+                continue
+            new = t.detach()
+            if k == "bias" and name in folded:
+                new = new + folded.pop(name)
+            if keep_rows is not None and new.dim() >= 1 and new.shape[0] == size:
+                new = new.index_select(0, keep_rows)
+            if k == "weight" and keep_cols is not None:
+                new = new.index_select(1, keep_cols)
+            if name not in fused:
+                if new is t or new.data_ptr() == t.data_ptr():
+                    new = new + 0.0 if new.is_floating_point() else new.clone()
+                elif new.is_floating_point():
+                    new.add_(0.0)
+            memo[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+        if keep_rows is not None or keep_cols is not None:
+            sizes[name] = (None if keep_rows is None else len(keep_rows), None if keep_cols is None else len(keep_cols))
+
+    work = copy.deepcopy(src, memo)
+    new_modules = dict(work.named_modules())
+    for name, (out_n, in_n) in sizes.items():
+        m = new_modules[name]
+        if isinstance(m, nn.Linear):
+            m.out_features, m.in_features = out_n or m.out_features, in_n or m.in_features
+        elif isinstance(m, _ConvNd):
+            if _is_depthwise(m):
+                m.groups = m.in_channels = out_n or m.out_channels
+            elif in_n is not None:
+                m.in_channels = in_n * m.groups
+            m.out_channels = out_n or m.out_channels
+        else:
+            m.num_features = out_n
+    for name, delta in folded.items():  # folds into consumers that had no bias
+        rows = cuts.get(name, ((), ()))[0]
+        bias = delta.index_select(0, _keep(delta.shape[0], rows)) if rows else delta
+        new_modules[name].bias = nn.Parameter(bias + 0.0, new_modules[name].weight.requires_grad)
+    for layer_name, bn_name in fusions:
+        layer, bn = new_modules[layer_name], new_modules[bn_name]
+        fuse = fuse_linear_bn_weights if isinstance(layer, nn.Linear) else fuse_conv_bn_weights
+        w, b = fuse(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        layer.weight = nn.Parameter(w.detach().add_(0.0), w.requires_grad)
+        layer.bias = nn.Parameter(b.detach().add_(0.0), b.requires_grad)
+        _set_submodule(work, bn_name, nn.Identity())
+    return work.eval()
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, _ConvNd) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _keep(size: int, gone: list) -> torch.Tensor:
+    """Indices of the channels that stay, given lists of numpy index arrays of those that go."""
+    mask = np.ones(size, dtype=bool)
+    mask[np.concatenate(gone)] = False
+    return torch.from_numpy(np.flatnonzero(mask))
 
 
 def _is_lightning(model: nn.Module) -> bool:
     return any(c.__module__.split(".")[0] in ("lightning", "pytorch_lightning") for c in type(model).__mro__)
 
 
-def _working_copy(model: nn.Module) -> nn.Module:
-    """An independent eval-mode copy. A LightningModule is traced with torch.fx first so the copy is a
-    plain module holding only what ``forward`` uses (no trainer, metrics or Lightning properties)."""
-    if _is_lightning(model):
-        try:
-            traced: nn.Module = torch.fx.symbolic_trace(model)
-        except Exception as exc:  # noqa: BLE001
-            raise StructuralPruningError(
-                f"could not trace {type(model).__name__}.forward with torch.fx ({exc!r}); "
-                "pass the inner nn.Module (e.g. module.model) instead") from exc
-        work = copy.deepcopy(traced)
-    else:
-        work = copy.deepcopy(model)
-    return work.eval()
+def _source(model: nn.Module) -> nn.Module:
+    """The module to analyse: ``model`` itself, or for a LightningModule its torch.fx trace, a plain
+    module holding only what ``forward`` uses (no trainer, metrics or Lightning properties) and
+    sharing ``model``'s tensors. Neither is changed: the result is built as a new module."""
+    if not _is_lightning(model):
+        return model
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001
+        raise StructuralPruningError(
+            f"could not trace {type(model).__name__}.forward with torch.fx ({exc!r}); "
+            "pass the inner nn.Module (e.g. module.model) instead") from exc
 
 
 def _count_params(model: nn.Module) -> int:
@@ -310,44 +483,6 @@ def _compare(ref: list[torch.Tensor], out: list[torch.Tensor]) -> tuple[float, f
     if diff != diff or scale != scale:
         raise StructuralPruningError("non-finite outputs; cannot verify the pruned model")
     return diff, scale
-
-
-@torch.no_grad()
-def _positive_zeros_(model: nn.Module) -> None:
-    """Turns every -0.0 in the floating weights into +0.0 (``x + 0.0``; nothing else changes).
-
-    IMP's masks leave a pruned negative weight at -0.0, whose bit pattern (the sign bit) is not
-    zero: in the demo's variants over a third of all weight words were -0.0, and zstd compressed
-    them 4x worse and inflated them 4x slower than the same variants with +0.0. The values are equal,
-    so the function is the same; verification below checks it as always.
-    """
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_floating_point():
-            tensor.add_(0.0)
-
-
-def _fuse_batchnorms(dg, model: nn.Module) -> int:
-    """Folds every BN that directly follows a conv or Linear (and is its only reader) into it."""
-    from . import _surgery as surgery
-
-    names = {m: n for n, m in model.named_modules()}
-    fused = 0
-    for module, node in list(dg.module2node.items()):
-        if node.type != surgery.OPTYPE.BN or len(node.inputs) != 1 or not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        src = node.inputs[0]
-        layer = src.module
-        if src.type not in (surgery.OPTYPE.CONV, surgery.OPTYPE.DEPTHWISE_CONV, surgery.OPTYPE.LINEAR) or len(src.outputs) != 1:
-            continue
-        if module not in names or layer not in names or not module.track_running_stats or module.running_mean is None:
-            continue
-        if isinstance(layer, _ConvNd) and layer.transposed:
-            continue
-        new_layer = fuse_linear_bn_eval(layer, module) if isinstance(layer, nn.Linear) else fuse_conv_bn_eval(layer, module)
-        _set_submodule(model, names[layer], new_layer)
-        _set_submodule(model, names[module], nn.Identity())
-        fused += 1
-    return fused
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

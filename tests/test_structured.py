@@ -14,7 +14,9 @@ from torch.nn import functional as F
 
 from dnnshifter_lightning import _surgery
 from dnnshifter_lightning.models import DigitsCNN, cifar_resnet, cifar_vgg16
-from dnnshifter_lightning.structured import PruneResult, StructuralPruningError, prune_structurally
+from dnnshifter_lightning.structured import (
+    PruneResult, StructuralPruningError, clear_analysis_cache, prune_structurally,
+)
 
 
 def imp_like(model: nn.Module, sparsity: float = 0.8, filter_frac: float = 0.25, slice_frac: float = 0.15,
@@ -252,6 +254,7 @@ def test_verification_refuses_a_different_function(monkeypatch: pytest.MonkeyPat
     # Pretend every op is channel-wise: Torch-Pruning then slices across the shuffle and the result
     # computes something else. The built-in check must catch it.
     monkeypatch.setattr(_surgery, "_channelwise", lambda node: True)
+    clear_analysis_cache()  # the patched analysis must run, not the one cached by the test above
     net = _dead_shuffle_net()
     with pytest.raises(StructuralPruningError, match="differs from the sparse model|fails on the example inputs"):
         prune_structurally(net, torch.randn(2, 3, 8, 8))
@@ -310,3 +313,59 @@ def test_concat_branch_channel_goes_at_its_offset_and_residual_stream_stays_coup
     assert result.model.merge[0].in_channels == 31
     assert result.model.stem[0].out_channels == 16 and result.model.depthwise[0].groups == 16
     assert_same_function(net, result, torch.randn(3, 3, 16, 16))
+
+
+def test_later_checkpoints_of_one_architecture_reuse_its_analysis_and_get_the_same_result() -> None:
+    """The dependency analysis depends on the structure only, so a portfolio's later levels reuse
+    the first one's. What they get must be exactly what a fresh analysis gives."""
+    torch.manual_seed(0)
+    first, later = imp_like(cifar_resnet(20), sparsity=0.5, seed=1), imp_like(cifar_resnet(20), sparsity=0.9, seed=2)
+    x = torch.randn(2, 3, 32, 32)
+    clear_analysis_cache()
+    assert not prune_structurally(first, x).analysis_reused
+    warm = prune_structurally(later, x)
+    assert warm.analysis_reused
+    clear_analysis_cache()
+    cold = prune_structurally(later, x)
+    assert not cold.analysis_reused
+    assert warm.removed == cold.removed and warm.passes == cold.passes
+    warm_state, cold_state = warm.model.state_dict(), cold.model.state_dict()
+    assert warm_state.keys() == cold_state.keys()
+    for key, value in cold_state.items():
+        assert torch.equal(warm_state[key], value), key
+    assert_same_function(later, warm, torch.randn(3, 3, 32, 32))
+
+
+class OptionalSkip(nn.Module):
+    def __init__(self, skip: bool) -> None:
+        super().__init__()
+        self.skip = skip
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv1(x))
+        z = F.relu(self.conv2(y))
+        return self.head((z + y if self.skip else z).mean(dim=(2, 3)))
+
+
+def test_a_changed_setting_or_input_shape_gets_a_fresh_analysis() -> None:
+    """A plain attribute that changes the forward (here a residual add that couples conv1 and conv2)
+    is part of the structure: without the add conv1's dead filters may go, with it they must stay."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    clear_analysis_cache()
+    plain = OptionalSkip(skip=False).eval()
+    with torch.no_grad():
+        plain.conv1.weight[:3] = 0
+        plain.conv1.bias[:3] = -1.0  # ReLU(-1) = 0: conv1's first three channels are zero constants
+    assert prune_structurally(plain, x).removed["conv1"]["after"] == 5
+    skip = copy.deepcopy(plain)
+    skip.skip = True
+    result = prune_structurally(skip, x)
+    assert not result.analysis_reused
+    assert result.removed["conv1"]["after"] == 8  # coupled through the add with conv2's live channels
+    assert_same_function(skip, result, torch.randn(3, 3, 8, 8))
+    assert not prune_structurally(plain, torch.randn(2, 3, 16, 16)).analysis_reused
+    assert prune_structurally(plain, torch.randn(5, 3, 16, 16)).analysis_reused is False  # batch size is part of it
