@@ -118,6 +118,10 @@ def test_equivalent_and_smaller_under_imp_like_sparsity(arch: str) -> None:
     assert result.channels_removed > 0 and sum(result.reason_counts.values()) == result.channels_removed
     assert result.max_abs_diff <= result.tolerance
     assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules() if arch != "custom_two_branch")
+    # the variant shares no memory with its source: training it further cannot corrupt the checkpoint
+    source_storage = {t.untyped_storage().data_ptr() for t in [*sparse.parameters(), *sparse.buffers()]}
+    assert not any(t.untyped_storage().data_ptr() in source_storage
+                   for t in [*result.model.parameters(), *result.model.buffers()])
     # same function on inputs it never saw, not just on the example inputs
     assert_same_function(sparse, result, torch.randn(3, *shape))
     # pruned negative weights (-0.0 after masking) leave as +0.0: same values, far better compression
@@ -369,3 +373,35 @@ def test_a_changed_setting_or_input_shape_gets_a_fresh_analysis() -> None:
     assert_same_function(skip, result, torch.randn(3, 3, 8, 8))
     assert not prune_structurally(plain, torch.randn(2, 3, 16, 16)).analysis_reused
     assert prune_structurally(plain, torch.randn(5, 3, 16, 16)).analysis_reused is False  # batch size is part of it
+
+
+class Bottleneck(nn.Module):
+    """A padded 3x3 conv into a bias-free 1x1 conv, as in ResNet-50's bottleneck blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("fuse_bn", [True, False])
+def test_positive_constant_folds_into_a_bias_free_1x1_conv(fuse_bn: bool) -> None:
+    """The 1x1 conv has no bias: the fold must create one, and BN fusion must then keep it."""
+    torch.manual_seed(0)
+    net = imp_like(Bottleneck(), sparsity=0.0, filter_frac=0.0, slice_frac=0.0)
+    with torch.no_grad():
+        net.conv1.weight[[2, 5]] = 0
+        net.bn1.bias[[2, 5]] = torch.tensor([0.8, 1.3])  # ReLU(positive shift): nonzero constants
+        net.bn1.running_mean[[2, 5]] = 0.0
+    result = prune_structurally(net, torch.randn(4, 3, 8, 8), fuse_bn=fuse_bn)
+    assert result.removed["conv1"] == {"before": 8, "after": 6, "reasons": {"folded": 2}}
+    assert result.model.conv2.in_channels == 6 and result.model.conv2.bias is not None
+    assert isinstance(result.model.bn2, nn.Identity) == fuse_bn
+    assert_same_function(net, result, torch.randn(5, 3, 8, 8), rtol=1e-5)
