@@ -440,7 +440,7 @@ def fold_deltas(folds: list[_Fold]) -> dict[int, tuple[nn.Module, torch.Tensor]]
             idxs = torch.from_numpy(np.concatenate([f.idxs for f in parts]))
             values = torch.from_numpy(np.concatenate([f.values for f in parts]))
             w = module.weight.index_select(1, idxs)  # (out, k, ...) for the k folded inputs
-            deltas[key] = (module, (w.double().reshape(w.shape[0], len(idxs), -1).sum(dim=2) @ values).to(w.dtype))
+            deltas[key] = (module, (w.reshape(w.shape[0], len(idxs), -1).sum(dim=2, dtype=torch.float64) @ values).to(w.dtype))
     return deltas
 
 
