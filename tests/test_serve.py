@@ -240,6 +240,15 @@ def test_fixed_variant_from_archive_config(server, portfolio, store, local):
 def test_archive_refuses_bad_inputs(portfolio, store, tmp_path):
     with pytest.raises(ServingError, match="manifest.json"):
         build_archive(tmp_path, "x", tmp_path / "out")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(ServingError, match="manifest.json: not valid JSON"):
+        build_archive(broken, "x", tmp_path / "out")
+    (broken / "manifest.json").write_text('{"format_version": 1}')  # valid JSON, not a manifest
+    with pytest.raises(ServingError, match="manifest.json"):
+        build_archive(broken, "x", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ServingError, match="exists"):
         build_archive(portfolio, MODEL, store)
     with pytest.raises(ServingError, match="model name"):
