@@ -810,7 +810,8 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
 
         ts.predict(model_name, bodies[0])  # warm-up: the first request pays one-off costs
         manifest = read_manifest(portfolio_dir)
-        top = manifest["variants"][0]["id"]  # the most accurate variant, where light load must end
+        fixed = ((config or {}).get("handler") or {}).get("fixed_variant")  # the operator's override
+        top = fixed or manifest["variants"][0]["id"]  # where light load must end: the most accurate
         wall0, mono0 = time.time(), time.monotonic()
         hdrs = ts.inference_headers()
         with console.status("light load: 3 s"):
@@ -828,7 +829,8 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
                 results["idle"] += chunk
                 if time.monotonic() - idle_start >= 5.0 and chunk and chunk[-1].variant == top:
                     break
-        switches = [dict(s, at_s=round(s["time"] - wall0, 3)) for s in read_switches(ts) if s["time"] >= wall0 - 1]
+        switches = [dict(s, at_s=round(s["time"] - wall0, 3)) for s in read_switches(ts)
+                    if s["time"] >= wall0 - 1 and s["reason"] != "initial choice"]  # load-driven ones only
     phases = {name: summarize(res, labels) for name, res in results.items()}
     for name, res in results.items():
         if res:
@@ -839,9 +841,11 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
         table.add_column(col)
     for s in switches:
         table.add_row(f"{s['at_s']:.2f}", s["from"], s["to"], s["reason"], f"{s['switch_ms']:.2f}")
-    front = pareto_variants(manifest["variants"])  # what the handler's policy moves along
+    front = pareto_variants(manifest["variants"], keep=[fixed] if fixed else [])  # as the handler computes it
     if switches:
         console.print(table)
+    elif fixed:
+        console.print(f"[yellow]no switch: the archive's config fixes the variant to {fixed} (handler.fixed_variant)[/]")
     elif len(front) == 1:
         console.print(f"[yellow]no switch: {front[0]} is both the most accurate and the cheapest variant (the "
                       f"accuracy/MACs front has one variant), so the policy has nothing to switch to[/]")

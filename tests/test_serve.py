@@ -336,6 +336,15 @@ def test_demo_serving_reports_the_switches_and_each_phase(portfolio, local, tmp_
     assert report["phases"]["idle"]["variants"].get(order[0]), "never back on the most accurate variant"
 
 
+def test_demo_serving_says_when_the_config_fixes_the_variant(portfolio, local, tmp_path):
+    fixed = local.variant_ids[-1]
+    report, text = _demo_serving(portfolio, tmp_path / "demo", burst_s=2.0, idle_s=5.0,
+                                 config={"handler": {"fixed_variant": fixed}})
+    assert report["switches"] == []
+    assert f"the archive's config fixes the variant to {fixed}" in " ".join(text.split())
+    assert all(set(phase["variants"]) == {fixed} for phase in report["phases"].values())
+
+
 def test_demo_serving_says_why_a_one_variant_front_never_switches(portfolio, tmp_path):
     # the cheapest variant is also the most accurate (what a small validation split can give):
     # it dominates the others, so the policy stays on it under any load, and the demo says so
