@@ -87,11 +87,21 @@ class Architecture:
     unsupported: dict[str, str]
     fusions: list[tuple[str, str]]
 
-    def bind(self, modules: dict[str, nn.Module]) -> list[GroupPlan]:
-        """Fresh plans whose members point at ``modules`` (a model's ``dict(named_modules())``)."""
-        return [GroupPlan(n, [_Member(role, modules.get(name) if name is not None else None, name or "", idxs, roots)
-                              for role, name, idxs, roots in members])
-                for n, members in self.groups]
+    def bind(self, modules: dict[str, nn.Module], shared: set[str] = frozenset()) -> tuple[list[GroupPlan], dict[str, str]]:
+        """Fresh plans whose members point at ``modules`` (a model's ``dict(named_modules())``),
+        and the layers kept because their group holds a layer in ``shared`` (one whose parameter
+        another layer also uses: slicing it for one would change the other)."""
+        plans, unsupported = [], {}
+        for n, members in self.groups:
+            tied = sorted({name for _, name, _, _ in members if name in shared})
+            if tied:
+                for role, name, _, _ in members:
+                    if role in (PRODUCER, DEPTHWISE) and name is not None:
+                        unsupported.setdefault(name, f"layer {tied[0]} shares a parameter with another layer")
+                continue
+            plans.append(GroupPlan(n, [_Member(role, modules.get(name) if name is not None else None, name or "", idxs, roots)
+                                       for role, name, idxs, roots in members]))
+        return plans, unsupported
 
 
 @dataclass

@@ -288,6 +288,9 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
     # One plain forward pass gives the reference output and every conv/Linear's input statistics
     # (which channels are constants, and their values).
     layers = [m for m in modules.values() if isinstance(m, (_ConvNd, nn.Linear))]
+    owners = Counter(id(p) for m in modules.values() for p in m._parameters.values() if p is not None)
+    shared = {name for name, m in modules.items()
+              if any(p is not None and owners[id(p)] > 1 for p in m._parameters.values())}
     try:
         with _eval_mode(src), torch.no_grad():
             stats = surgery.measure_inputs(src, lambda net: net(*inputs), layers)
@@ -297,22 +300,23 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
     lap("forward")
 
     try:
-        plans = arch.bind(modules)
+        plans, tied = arch.bind(modules, shared)
         log, deltas = surgery.remove_dead_channels(plans, stats, mode)
         cuts = surgery.removals(plans, log)
         lap("analyse")
-        work = _sliced_copy(src, modules, cuts, deltas, arch.fusions if fuse_bn else [])
+        work = _sliced_copy(src, modules, cuts, deltas, arch.fusions if fuse_bn else [], shared)
         lap("slice")
     except StructuralPruningError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise StructuralPruningError(f"channel surgery failed on {type(model).__name__}: {exc!r}") from exc
 
-    if arch.unsupported:
+    unsupported = {**arch.unsupported, **tied}
+    if unsupported:
         warnings.warn(
             "prune_structurally kept the channels of layers it cannot analyse safely: "
-            + "; ".join(f"{k}: {v}" for k, v in sorted(arch.unsupported.items())[:8])
-            + (" ..." if len(arch.unsupported) > 8 else ""), stacklevel=3)
+            + "; ".join(f"{k}: {v}" for k, v in sorted(unsupported.items())[:8])
+            + (" ..." if len(unsupported) > 8 else ""), stacklevel=3)
 
     try:
         with torch.no_grad():
@@ -340,14 +344,15 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
     return PruneResult(
         model=work, params_before=_count_params(src), params_after=_count_params(work), removed=removed,
         seconds=time.perf_counter() - start, max_abs_diff=diff, approx_error=approx_error,
-        tolerance=tolerance, output_scale=scale, kept_unsupported=dict(arch.unsupported),
+        tolerance=tolerance, output_scale=scale, kept_unsupported=unsupported,
         passes=list(log.passes), timings={**timings, **{f"analyse.{k}": v for k, v in log.timings.items()}},
         analysis_reused=reused_analysis)
 
 
 @torch.no_grad()
 def _sliced_copy(src: nn.Module, modules: dict[str, nn.Module], cuts: dict[str, tuple[list, list]],
-                 deltas: dict[int, tuple[nn.Module, torch.Tensor]], fusions: list[tuple[str, str]]) -> nn.Module:
+                 deltas: dict[int, tuple[nn.Module, torch.Tensor]], fusions: list[tuple[str, str]],
+                 shared: set[str] = frozenset()) -> nn.Module:
     """A new eval-mode model: ``src``'s structure, each layer's tensors copied once with the cut
     channels left out, folded constants added to the biases, and (``fusions``) each BN folded into
     the conv or Linear before it (``torch.nn.utils.fusion``) and replaced by ``nn.Identity``.
@@ -364,7 +369,9 @@ def _sliced_copy(src: nn.Module, modules: dict[str, nn.Module], cuts: dict[str, 
     fusions = [(layer, bn) for layer, bn in fusions
                if modules[bn].track_running_stats and modules[bn].running_mean is not None
                and not (isinstance(modules[layer], _ConvNd) and modules[layer].transposed)]
-    fused = {name for pair in fusions for name in pair}  # their tensors are replaced below: copy none
+    # fusion replaces these layers' tensors below, so they are not copied first (unless another
+    # layer shares them: that one keeps the unfused tensor and needs its own copy)
+    fused = {name for pair in fusions for name in pair} - shared
     memo: dict[int, Any] = {}
     sizes: dict[str, tuple[int | None, int | None]] = {}  # layer -> (outputs, inputs) left, if cut
     for name, module in modules.items():

@@ -405,3 +405,39 @@ def test_positive_constant_folds_into_a_bias_free_1x1_conv(fuse_bn: bool) -> Non
     assert result.model.conv2.in_channels == 6 and result.model.conv2.bias is not None
     assert isinstance(result.model.bn2, nn.Identity) == fuse_bn
     assert_same_function(net, result, torch.randn(5, 3, 8, 8), rtol=1e-5)
+
+
+class TiedConvs(nn.Module):
+    """Two convs sharing one weight (``b.weight = a.weight``), then an untied conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.c = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b(F.relu(self.a(F.relu(self.stem(x))))))
+        return self.head(F.relu(self.c(y)).mean(dim=(2, 3)))
+
+
+def test_layers_sharing_a_parameter_keep_their_channels_and_stay_tied() -> None:
+    """Slicing a shared weight for one layer would change the other: their groups are kept (with a
+    warning), the rest of the model is still pruned, and the copy keeps the tie."""
+    torch.manual_seed(0)
+    net = TiedConvs().eval()
+    with torch.no_grad():
+        net.a.weight[:, 2] = 0  # a (and so b) never reads input channel 2
+        net.c.weight[[1, 6]] = 0
+        net.c.bias[[1, 6]] = -1.0  # ReLU(-1) = 0: two dead channels of the untied conv
+    with pytest.warns(UserWarning, match="shares a parameter"):
+        result = prune_structurally(net, torch.randn(2, 3, 8, 8))
+    assert {"stem", "a", "b"} <= set(result.kept_unsupported)
+    assert result.removed["a"]["after"] == 8 and result.removed["stem"]["after"] == 8
+    assert result.removed["c"] == {"before": 8, "after": 6, "reasons": {"zero_constant": 2}}
+    assert result.model.a.weight is result.model.b.weight
+    assert result.model.a.weight.data_ptr() != net.a.weight.data_ptr()
+    assert_same_function(net, result, torch.randn(3, 3, 8, 8))
