@@ -195,7 +195,7 @@ class NonzeroMap:
             # uint8 + amax: bool .any(dim) is an order of magnitude slower on CPU
             # float32 0/1 (exact for counts below 2**24): masked counts are then a matrix-vector
             # product, which is 5-10x faster on CPU than boolean indexing
-            pairs = (nonzero[:, :, 0] if nonzero.shape[2] == 1 else nonzero.amax(dim=2)).to(torch.float32).numpy()
+            pairs = (nonzero[:, :, 0] if nonzero.shape[2] == 1 else nonzero.amax(dim=2)).to(torch.float32).cpu().numpy()
             self._nz[key] = pairs
             self._state[key] = (pairs.sum(axis=1), pairs.sum(axis=0),
                                 np.zeros(w.shape[0], dtype=bool), np.zeros(w.shape[1], dtype=bool))
@@ -433,7 +433,7 @@ def _as_numpy(stats: dict, key: int) -> tuple[np.ndarray, np.ndarray]:
     """A layer's per-channel input (min, max) as float64 numpy arrays, converted once."""
     entry = stats[key]
     if isinstance(entry[0], torch.Tensor):
-        entry = stats[key] = (entry[0].double().numpy(), entry[1].double().numpy())
+        entry = stats[key] = (entry[0].double().cpu().numpy(), entry[1].double().cpu().numpy())
     return entry
 
 
@@ -447,8 +447,9 @@ def fold_deltas(folds: list[_Fold]) -> dict[int, tuple[nn.Module, torch.Tensor]]
     with torch.no_grad():
         for key, parts in by_module.items():
             module = parts[0].module
-            idxs = torch.from_numpy(np.concatenate([f.idxs for f in parts]))
-            values = torch.from_numpy(np.concatenate([f.values for f in parts]))
+            device = module.weight.device
+            idxs = torch.from_numpy(np.concatenate([f.idxs for f in parts])).to(device)
+            values = torch.from_numpy(np.concatenate([f.values for f in parts])).to(device)
             w = module.weight.index_select(1, idxs).reshape(module.weight.shape[0], len(idxs), -1)  # k folded inputs
             # a 1x1 kernel has nothing to sum, and torch's reduction over a size-1 dim is ~15x slower
             # than the cast (5.6 ms for a 2048x400 slice of a ResNet-50 1x1 conv on 2 cores)

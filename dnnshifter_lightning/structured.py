@@ -390,9 +390,9 @@ def _sliced_copy(src: nn.Module, modules: dict[str, nn.Module], cuts: dict[str, 
             if k == "bias" and name in folded:
                 new = new + folded.pop(name)
             if keep_rows is not None and new.dim() >= 1 and new.shape[0] == size:
-                new = new.index_select(0, keep_rows)
+                new = new.index_select(0, keep_rows.to(new.device))
             if k == "weight" and keep_cols is not None:
-                new = new.index_select(1, keep_cols)
+                new = new.index_select(1, keep_cols.to(new.device))
             if name not in fused:
                 if new is t or new.data_ptr() == t.data_ptr():
                     new = new + 0.0 if new.is_floating_point() else new.clone()
@@ -418,7 +418,7 @@ def _sliced_copy(src: nn.Module, modules: dict[str, nn.Module], cuts: dict[str, 
             m.num_features = out_n
     for name, delta in folded.items():  # folds into consumers that had no bias
         rows = cuts.get(name, ((), ()))[0]
-        bias = delta.index_select(0, _keep(delta.shape[0], rows)) if rows else delta
+        bias = delta.index_select(0, _keep(delta.shape[0], rows).to(delta.device)) if rows else delta
         new_modules[name].bias = nn.Parameter(bias + 0.0, new_modules[name].weight.requires_grad)
     for layer_name, bn_name in fusions:
         layer, bn = new_modules[layer_name], new_modules[bn_name]
