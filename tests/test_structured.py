@@ -441,3 +441,28 @@ def test_layers_sharing_a_parameter_keep_their_channels_and_stay_tied() -> None:
     assert result.model.a.weight is result.model.b.weight
     assert result.model.a.weight.data_ptr() != net.a.weight.data_ptr()
     assert_same_function(net, result, torch.randn(3, 3, 8, 8))
+
+
+def test_later_lightning_checkpoints_reuse_the_fx_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LightningModule is traced with torch.fx once per structure; a later checkpoint of the same
+    class gets a GraphModule from the cached graph, and the same predictions as its own weights give."""
+    pytest.importorskip("lightning")
+    from dnnshifter_lightning.digits import DigitsClassifier, load_digits_tensors
+
+    traces = []
+    real_trace = torch.fx.symbolic_trace
+    monkeypatch.setattr(torch.fx, "symbolic_trace", lambda m, *a, **k: traces.append(m) or real_trace(m, *a, **k))
+    clear_analysis_cache()
+    x, _ = load_digits_tensors()
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        module = DigitsClassifier(width=8).eval()
+        with torch.no_grad():
+            for m in module.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    m.weight[m.weight.abs() < m.weight.abs().median()] = 0
+        result = prune_structurally(module, x[:32])
+        assert result.analysis_reused == (seed == 1)
+        with torch.no_grad():
+            assert torch.equal(result.model(x).argmax(1), module(x).argmax(1))
+    assert len(traces) == 1
