@@ -304,12 +304,14 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
         _cache_put(_ARCHITECTURES, key, arch)
     lap("trace")
 
-    # One plain forward pass gives the reference output and every conv/Linear's input statistics
-    # (which channels are constants, and their values).
-    layers = [m for m in modules.values() if isinstance(m, (_ConvNd, nn.Linear))]
+    # layers whose parameter another layer also uses (weight tying): their groups stay
     owners = Counter(id(p) for m in modules.values() for p in m._parameters.values() if p is not None)
     shared = {name for name, m in modules.items()
               if any(p is not None and owners[id(p)] > 1 for p in m._parameters.values())}
+
+    # One plain forward pass gives the reference output and every conv/Linear's input statistics
+    # (which channels are constants, and their values).
+    layers = [m for m in modules.values() if isinstance(m, (_ConvNd, nn.Linear))]
     try:
         with _eval_mode(src), torch.no_grad():
             stats = surgery.measure_inputs(src, lambda net: net(*inputs), layers)
