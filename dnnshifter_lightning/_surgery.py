@@ -107,7 +107,6 @@ class Architecture:
 @dataclass
 class SurgeryLog:
     removed_reasons: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
-    unsupported: dict[str, str] = field(default_factory=dict)  # layer name -> why its channels were kept
     approx_folds: int = 0
     passes: list[int] = field(default_factory=list)  # channels removed per pass
     timings: Counter = field(default_factory=Counter)  # seconds per stage, summed over passes
@@ -354,16 +353,12 @@ def analyse(n: int, members: list[_Member], nonzero: NonzeroMap, mode: str = "ex
     return plan, requests, candidates
 
 
-def measure_inputs(model: nn.Module, run: Callable[[nn.Module], Any], modules: Sequence[nn.Module], *,
-                   counts: Counter | None = None, names: dict | None = None) -> dict:
+def measure_inputs(model: nn.Module, run: Callable[[nn.Module], Any], modules: Sequence[nn.Module]) -> dict:
     """Per-channel (min, max) of the input of each module over the example inputs (channel dim 1
-    for convs, last dim for Linear). ``run``'s return value is stored under ``"result"``; ``counts``
-    (if given) counts calls per module name."""
+    for convs, last dim for Linear). ``run``'s return value is stored under ``"result"``."""
     stats: dict[Any, Any] = {}
 
     def hook(module, args):
-        if counts is not None and names is not None:
-            counts.update([names[module]])
         x = args[0].detach()
         if isinstance(module, nn.Linear):
             x, dims = x.reshape(-1, x.shape[-1]), (0,)
@@ -458,9 +453,15 @@ def fold_deltas(folds: list[_Fold]) -> dict[int, tuple[nn.Module, torch.Tensor]]
     return deltas
 
 
+def _mask(n: int, roots) -> np.ndarray:
+    """Boolean mask over a group's ``n`` root channels, True at ``roots``."""
+    mask = np.zeros(n, dtype=bool)
+    mask[list(roots)] = True
+    return mask
+
+
 def _mark_removed(plan: GroupPlan, new: dict[int, str], nonzero: NonzeroMap) -> None:
-    gone = np.zeros(plan.n, dtype=bool)
-    gone[list(new)] = True
+    gone = _mask(plan.n, new)
     for m in plan.members:
         if m.role in (PRODUCER, DEPTHWISE, CONSUMER):
             nonzero.record(m.module, 1 if m.role == CONSUMER else 0, m.idxs[gone[m.roots]])
@@ -475,8 +476,7 @@ def removals(plans: list[GroupPlan], log: SurgeryLog) -> dict[str, tuple[list[np
     for plan in plans:
         if not plan.remove:
             continue
-        gone = np.zeros(plan.n, dtype=bool)
-        gone[list(plan.remove)] = True
+        gone = _mask(plan.n, plan.remove)
         for m in plan.members:
             if m.role in (PRODUCER, DEPTHWISE):
                 log.removed_reasons[m.name].update(plan.remove[r] for r in m.roots[gone[m.roots]].tolist())
@@ -507,8 +507,7 @@ def remove_dead_channels(plans: list[GroupPlan], stats: dict, mode: str = "exact
     for _ in range(max_rounds):
         removed_now = 0
         for plan in todo:
-            gone = np.zeros(plan.n, dtype=bool)
-            gone[list(plan.remove)] = True
+            gone = _mask(plan.n, plan.remove)
             found, requests, candidates = analyse(plan.n, plan.members, nonzero, mode, gone)
             new_folds = decide_constants(found, requests, candidates, stats, approximate)
             new = found.remove

@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 PIN_HEADER = "X-DNNShifter-Variant"
+INITIAL_SWITCH_REASON = "initial choice"  # the handler's switch log entry for the variant it starts on
 HANDLER_FILE = Path(__file__).resolve().parent.parent / "serve_handlers" / "portfolio_handler.py"
 
 JAVA_HELP = (
@@ -830,7 +831,7 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
                 if time.monotonic() - idle_start >= 5.0 and chunk and chunk[-1].variant == top:
                     break
         switches = [dict(s, at_s=round(s["time"] - wall0, 3)) for s in read_switches(ts)
-                    if s["time"] >= wall0 - 1 and s["reason"] != "initial choice"]  # load-driven ones only
+                    if s["time"] >= wall0 - 1 and s["reason"] != INITIAL_SWITCH_REASON]  # load-driven ones only
     phases = {name: summarize(res, labels) for name, res in results.items()}
     for name, res in results.items():
         if res:

@@ -325,7 +325,7 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
         log, deltas = surgery.remove_dead_channels(plans, stats, mode)
         cuts = surgery.removals(plans, log)
         lap("analyse")
-        work = _sliced_copy(src, modules, cuts, deltas, arch.fusions if fuse_bn else [], shared)
+        work = _sliced_copy(src, modules, names, cuts, deltas, arch.fusions if fuse_bn else [], shared)
         lap("slice")
     except StructuralPruningError:
         raise
@@ -371,7 +371,8 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
 
 
 @torch.no_grad()
-def _sliced_copy(src: nn.Module, modules: dict[str, nn.Module], cuts: dict[str, tuple[list, list]],
+def _sliced_copy(src: nn.Module, modules: dict[str, nn.Module], names: dict[nn.Module, str],
+                 cuts: dict[str, tuple[list, list]],
                  deltas: dict[int, tuple[nn.Module, torch.Tensor]], fusions: list[tuple[str, str]],
                  shared: set[str] = frozenset()) -> nn.Module:
     """A new eval-mode model: ``src``'s structure, each layer's tensors copied once with the cut
@@ -385,7 +386,6 @@ def _sliced_copy(src: nn.Module, modules: dict[str, nn.Module], cuts: dict[str, 
     bit pattern is not zero; zstd compressed such variants 4x worse and inflated them 4x slower.
     The values are equal, so the function is the same (verification checks it as always).
     """
-    names = {m: n for n, m in modules.items()}
     folded = {names[module]: delta for module, delta in deltas.values()}
     fusions = [(layer, bn) for layer, bn in fusions
                if modules[bn].track_running_stats and modules[bn].running_mean is not None
@@ -415,7 +415,7 @@ def _sliced_copy(src: nn.Module, modules: dict[str, nn.Module], cuts: dict[str, 
             if k == "weight" and keep_cols is not None:
                 new = new.index_select(1, keep_cols.to(new.device))
             if name not in fused:
-                if new is t or new.data_ptr() == t.data_ptr():
+                if new.data_ptr() == t.data_ptr():  # not copied yet
                     new = new + 0.0 if new.is_floating_point() else new.clone()
                 elif new.is_floating_point():
                     new.add_(0.0)

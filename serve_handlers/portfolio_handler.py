@@ -37,7 +37,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from dnnshifter_lightning.policy import LoadPolicy, PolicyConfig, pareto_variants, profiles_from_manifest
 from dnnshifter_lightning.runtime import PortfolioRuntime, SwitchError
-from dnnshifter_lightning.serving import default_model_config
+from dnnshifter_lightning.serving import INITIAL_SWITCH_REASON, default_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class PortfolioHandler(BaseHandler):
         except ValueError as exc:
             logger.error("DNNSHIFTER_REFUSED bad handler options in model-config.yaml: %s", exc)
             raise
-        self._switch(self.policy.active_id, "initial choice")
+        self._switch(self.policy.active_id, INITIAL_SWITCH_REASON)
         self.initialized = True
 
     def _policy_config(self) -> PolicyConfig:
