@@ -38,7 +38,7 @@ from _common import machine, machine_line, markdown_table, median, update_readme
 from dnnshifter_lightning.serving import (  # noqa: E402
     TorchServeServer, build_archive, check_java, json_bodies, read_switches, run_load, summarize,
 )
-from dnnshifter_lightning.policy import pareto_variants  # noqa: E402
+from dnnshifter_lightning.portfolio import pareto_front  # noqa: E402
 
 NAME = "bench_serving"
 
@@ -106,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--portfolio", type=Path, help="portfolio dir (default: train a small one)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--fixed", nargs="+", help="variants served fixed as contenders (default: the accuracy/MACs "
+    ap.add_argument("--fixed", nargs="+", help="variants served fixed as contenders (default: the accuracy/latency "
                     "front the policy switches along, plus level_00)")
     ap.add_argument("--light-rate", type=float, default=10.0)
     ap.add_argument("--light-s", type=float, default=2.0)
@@ -127,9 +127,9 @@ def main() -> None:
         portfolio = args.portfolio or quick_portfolio(work / "portfolio", epochs=2 if args.quick else 4)
         manifest = json.loads((portfolio / "manifest.json").read_text())
         ids = [v["id"] for v in manifest["variants"]]
-        # The policy switches along the accuracy/MACs front; the fixed contenders are those variants
+        # The policy switches along the accuracy/latency front; the fixed contenders are those variants
         # (or --fixed), plus the dense level-0 model if the portfolio has one.
-        fixed = args.fixed or pareto_variants(manifest["variants"])
+        fixed = args.fixed or pareto_front(manifest["variants"])
         unknown = sorted(set(fixed) - set(ids))
         if unknown:
             raise SystemExit(f"--fixed: no variant {unknown} in {portfolio} (it has {ids})")

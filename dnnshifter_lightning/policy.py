@@ -72,7 +72,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["PolicyConfig", "LoadPolicy", "Decision", "LatencyProfile", "profiles_from_manifest", "pareto_variants"]
+__all__ = ["PolicyConfig", "LoadPolicy", "Decision", "LatencyProfile", "profiles_from_manifest"]
 
 
 @dataclass(frozen=True)
@@ -213,35 +213,6 @@ class LatencyProfile:
         i = bisect.bisect_right(bs, batch_size)
         frac = (batch_size - bs[i - 1]) / (bs[i] - bs[i - 1])
         return round(ls[i - 1] + frac * (ls[i] - ls[i - 1]), 12)
-
-
-def pareto_variants(variants: Sequence[Mapping[str, Any]], keep: Sequence[str] = ()) -> list[str]:
-    """Ids of the variants worth switching between, most to least accurate.
-
-    A variant is dominated when another one is at least as accurate and needs at most as many MACs,
-    and is strictly better in one of the two. Switching to a dominated variant under load would buy
-    no speed (or lose accuracy for nothing), so the policy only moves along this front. MACs are
-    used rather than timings: they are exact, while latencies measured at server start are noisy on
-    a busy machine. Variants without a measured accuracy or MAC count are all kept, as are ``keep``.
-
-    Example::
-
-        >>> pareto_variants([{"id": "a", "accuracy": 0.99, "macs": 10}, {"id": "b", "accuracy": 0.98, "macs": 12},
-        ...                  {"id": "c", "accuracy": 0.95, "macs": 4}])
-        ['a', 'c']
-    """
-    def dominated(v: Mapping[str, Any]) -> bool:
-        if v.get("accuracy") is None or v.get("macs") is None:
-            return False
-        for o in variants:
-            if o is v or o.get("accuracy") is None or o.get("macs") is None:
-                continue
-            if (o["accuracy"] >= v["accuracy"] and o["macs"] <= v["macs"]
-                    and (o["accuracy"] > v["accuracy"] or o["macs"] < v["macs"])):
-                return True
-        return False
-
-    return [v["id"] for v in variants if v["id"] in keep or not dominated(v)]
 
 
 def profiles_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[int, float]]:

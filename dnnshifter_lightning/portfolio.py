@@ -40,7 +40,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import zstandard
@@ -50,7 +50,7 @@ __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "VARIANT_SUFFIX", "PortfolioError",
     "save_variant", "load_variant", "write_manifest", "read_manifest", "verify_portfolio",
     "sort_variants", "variant_state", "release_state", "assign_state", "pack_state", "unpack_state",
-    "atomic_write_bytes",
+    "atomic_write_bytes", "pareto_front",
 ]
 
 FORMAT_VERSION = 1
@@ -396,6 +396,46 @@ def sort_variants(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return (acc is None, -(acc or 0.0), v.get("level", 0) if acc is None else 0,
                 v.get("bytes_compressed", 0), lat)
     return sorted(variants, key=key)
+
+
+def _b8_latency(v: Mapping[str, Any]) -> float | None:
+    lat = (v.get("latency_ms") or {}).get("8")
+    return float(lat) if isinstance(lat, (int, float)) and not isinstance(lat, bool) else None
+
+
+def pareto_front(variants: Sequence[Mapping[str, Any]], keep: Sequence[str] = ()) -> list[str]:
+    """Ids of the variants on the accuracy/latency front, in the given order (most to least accurate).
+
+    A variant is dominated when another one is at least as accurate and at most as slow at batch 8
+    (``latency_ms["8"]``, measured when the portfolio was built), and strictly better in one of the
+    two. A dominated variant buys no speed for the accuracy it loses, so it is never worth serving:
+    the archive, the handler and the policy serve the front by default, and the plot and
+    ``dnnshifter portfolio show`` mark it. Variants without a measured accuracy or batch-8 latency are
+    all kept (nothing says they are dominated), as are the ids in ``keep``.
+
+    Example::
+
+        >>> pareto_front([{"id": "a", "accuracy": 0.99, "latency_ms": {"8": 10.0}},
+        ...               {"id": "b", "accuracy": 0.98, "latency_ms": {"8": 12.0}},
+        ...               {"id": "c", "accuracy": 0.95, "latency_ms": {"8": 4.0}}])
+        ['a', 'c']
+    """
+    def measured(v: Mapping[str, Any]) -> bool:
+        return v.get("accuracy") is not None and _b8_latency(v) is not None
+
+    def dominated(v: Mapping[str, Any]) -> bool:
+        if not measured(v):
+            return False
+        acc, lat = v["accuracy"], _b8_latency(v)
+        for o in variants:
+            if o is v or not measured(o):
+                continue
+            o_acc, o_lat = o["accuracy"], _b8_latency(o)
+            if o_acc >= acc and o_lat <= lat and (o_acc > acc or o_lat < lat):
+                return True
+        return False
+
+    return [v["id"] for v in variants if v["id"] in keep or not dominated(v)]
 
 
 def _fail(directory: Path, why: str) -> PortfolioError:

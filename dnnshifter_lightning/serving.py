@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .loadgen import LOOPBACK, LoadResult, run_load, summarize
-from .policy import pareto_variants
 
 __all__ = [
     "JavaMissingError", "ServingError", "check_java", "free_port", "default_model_config",
@@ -842,14 +841,16 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
         table.add_column(col)
     for s in switches:
         table.add_row(f"{s['at_s']:.2f}", s["from"], s["to"], s["reason"], f"{s['switch_ms']:.2f}")
-    front = pareto_variants(manifest["variants"], keep=[fixed] if fixed else [])  # as the handler computes it
+    from .portfolio import pareto_front
+
+    front = pareto_front(manifest["variants"], keep=[fixed] if fixed else [])  # as the handler computes it
     if switches:
         console.print(table)
     elif fixed:
         console.print(f"[yellow]no switch: the archive's config fixes the variant to {fixed} (handler.fixed_variant)[/]")
     elif len(front) == 1:
         console.print(f"[yellow]no switch: {front[0]} is both the most accurate and the cheapest variant (the "
-                      f"accuracy/MACs front has one variant), so the policy has nothing to switch to[/]")
+                      f"accuracy/latency front has one variant), so the policy has nothing to switch to[/]")
     else:
         console.print(f"[yellow]no switch happened: the burst did not saturate the worker on {top}[/]")
     table = Table(title="serving per phase (latency from when each request was due)")

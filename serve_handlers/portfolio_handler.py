@@ -35,7 +35,8 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from dnnshifter_lightning.policy import LoadPolicy, PolicyConfig, pareto_variants, profiles_from_manifest
+from dnnshifter_lightning.policy import LoadPolicy, PolicyConfig, profiles_from_manifest
+from dnnshifter_lightning.portfolio import pareto_front
 from dnnshifter_lightning.runtime import PortfolioRuntime, SwitchError
 from dnnshifter_lightning.serving import INITIAL_SWITCH_REASON, default_model_config
 
@@ -82,9 +83,9 @@ class PortfolioHandler(BaseHandler):
         self.switch_count, self.last_switch_ms = 0, math.nan
         try:
             config = self._policy_config()
-            # The policy moves along the accuracy/MACs Pareto front only; pins may still use any variant.
+            # The policy moves along the accuracy/latency Pareto front only; pins may still use any variant.
             keep = [config.fixed_variant] if config.fixed_variant else []
-            candidates = pareto_variants(self.manifest["variants"], keep=keep)
+            candidates = pareto_front(self.manifest["variants"], keep=keep)
             logger.info("DNNSHIFTER_CANDIDATES %s of %s", json.dumps(candidates), json.dumps(self.runtime.variant_ids))
             self.policy = LoadPolicy(candidates, self._profiles(props), config=config,
                                      max_batch_size=int(props.get("batch_size") or 1),

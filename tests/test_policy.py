@@ -336,21 +336,24 @@ def test_failed_switch_sync_and_cached_decision_not_repeated():
     assert policy.active_id == "v0"
 
 
-def test_pareto_variants_drop_dominated_variants():
-    from dnnshifter_lightning.policy import pareto_variants
+def test_pareto_front_drops_variants_slower_and_no_more_accurate():
+    from dnnshifter_lightning.portfolio import pareto_front
+
+    def v(vid, acc, b8):
+        return {"id": vid, "accuracy": acc, "latency_ms": {"1": b8 / 4, "8": b8}}
 
     variants = [
-        {"id": "l13", "accuracy": 0.9972, "macs": 24},   # most accurate and cheapest: dominates the dense ones
-        {"id": "l05", "accuracy": 0.9972, "macs": 37},
-        {"id": "l11", "accuracy": 0.9944, "macs": 28},
-        {"id": "l16", "accuracy": 0.9861, "macs": 9},    # less accurate but cheaper: a real step down
-        {"id": "l00", "accuracy": 0.9721, "macs": 37},
-        {"id": "new", "accuracy": None, "macs": 5},      # nothing measured: kept
+        v("l13", 0.9972, 2.4),   # most accurate and fastest of the dense-accuracy ones: dominates l05
+        v("l05", 0.9972, 3.7),
+        v("l11", 0.9944, 2.8),   # less accurate and slower than l13: dominated
+        v("l16", 0.9861, 0.9),   # less accurate but faster: a real step down
+        v("l00", 0.9721, 3.7),
+        {"id": "new", "accuracy": None, "latency_ms": {"1": 0.1, "8": 0.5}},  # nothing measured: kept
     ]
-    assert pareto_variants(variants) == ["l13", "l16", "new"]
-    assert pareto_variants(variants, keep=["l00"]) == ["l13", "l16", "l00", "new"]
+    assert pareto_front(variants) == ["l13", "l16", "new"]
+    assert pareto_front(variants, keep=["l00"]) == ["l13", "l16", "l00", "new"]
     # equal on both axes: neither dominates the other
-    assert pareto_variants([{"id": "a", "accuracy": 0.9, "macs": 3}, {"id": "b", "accuracy": 0.9, "macs": 3}]) == ["a", "b"]
+    assert pareto_front([v("a", 0.9, 3.0), v("b", 0.9, 3.0)]) == ["a", "b"]
 
 
 def test_handler_reads_the_batch_delay_from_the_archive_config():
