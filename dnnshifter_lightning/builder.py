@@ -44,6 +44,7 @@ from rich.table import Table
 from torch import nn
 
 from . import __version__
+from .checkpoints import load_checkpoint, load_module_checkpoint
 from .portfolio import (
     MANIFEST_NAME, VARIANT_SUFFIX, ZSTD_LEVEL, load_variant, save_variant, sort_variants,
     verify_portfolio, write_manifest,
@@ -176,8 +177,9 @@ def build_portfolio(
     paths = _level_checkpoints(checkpoints)
     spec = {"dtype": "float32", **input_spec}
     load = getattr(module_loader, "load_from_checkpoint", None)
-    loader: Callable[[Path], nn.Module] = (
-        (lambda p: load(p, map_location="cpu", strict=True)) if load is not None else module_loader  # type: ignore[misc]
+    loader: Callable[[Path], nn.Module] = (  # weights_only=True first (checkpoints.py)
+        (lambda p: load_module_checkpoint(module_loader, p, map_location="cpu", strict=True)) if load is not None
+        else module_loader  # type: ignore[assignment]
     )
     example = _example_batch(val_dataloader, spec)
     threads = torch.get_num_threads()
@@ -221,8 +223,8 @@ def build_portfolio(
 
 def _build_one(path: Path, loader: Callable[[Path], nn.Module], out: Path, dataloader: Iterable[Any] | None,
                example: torch.Tensor, num_classes: int | None, warmup: int, repeats: int) -> dict[str, Any]:
-    # The user's own training output: the same trust as load_from_checkpoint, which unpickles it too.
-    meta = torch.load(path, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY) or {}
+    # The user's own training output: weights_only=True first, else a warning naming the file.
+    meta = load_checkpoint(path).get(CHECKPOINT_KEY) or {}
     sparse = loader(path).eval().cpu()
     match = _LEVEL_RE.search(path.name)
     level = int(meta.get("level", match.group(1) if match else 0))
@@ -426,7 +428,7 @@ def portfolio_build_command(ckpt_dir: Path, model: str, out: Path, datamodule: s
         dm.setup("validate")
         loader = dm.val_dataloader()
     elif is_overridden("val_dataloader", module_cls, parent=L.LightningModule):
-        first = module_cls.load_from_checkpoint(paths[0], map_location="cpu", strict=True)
+        first = load_module_checkpoint(module_cls, paths[0], map_location="cpu", strict=True)
         loader = first.val_dataloader()
     else:
         warnings.warn(f"{model} defines no val_dataloader and no --datamodule was given: accuracies will be null",

@@ -114,8 +114,8 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
         console.rule("[bold]3. Serving the portfolio with TorchServe, switching as load changes")
         from .serving import JavaMissingError, run_demo_serving
 
-        try:
-            summary["serving"] = run_demo_serving(out / "portfolio", out / "serve", console)
+        try:  # a local demo on 127.0.0.1: token auth off, explicitly, and run_demo_serving prints that
+            summary["serving"] = run_demo_serving(out / "portfolio", out / "serve", console, no_auth=True)
         except JavaMissingError as exc:
             console.print(f"[yellow]Skipping the serving step: {exc}")
             summary["serving"] = {"skipped": str(exc)}

@@ -17,7 +17,15 @@ Safety:
 * a corrupt or tampered portfolio is refused at start with a :class:`PortfolioError` naming the file.
 
 Memory: compressed blobs + the active variant + an optional LRU cache of recently used inflated
-variants, kept under ``memory_budget_mb`` (the budget bounds the total). See :meth:`resident_bytes`.
+variants, kept under ``memory_budget_mb`` (the budget bounds the total), + at most one variant
+inflated for pins (the *pin slot*). See :meth:`resident_bytes`.
+
+Pins: :meth:`infer` with a ``variant_id`` that is not inflated inflates it, outside the switch
+lock, at most once per ``pin_inflate_interval_s`` over all variants. The variant then stays in the
+pin slot (or the LRU cache, if it fits the budget) until another pin inflate replaces it, so
+repeated pins to it cost nothing. A pin that would need a second inflate within the interval raises
+:class:`PinThrottled` (the TorchServe handler answers 429 with ``Retry-After``), so no client can
+make the server inflate per batch.
 
 Example::
 
@@ -64,7 +72,7 @@ from torch import nn
 from .policy import profiles_from_manifest
 from .portfolio import PortfolioError, load_variant, variant_state, verify_portfolio
 
-__all__ = ["PortfolioRuntime", "SwitchRecord", "SwitchError", "PortfolioError"]
+__all__ = ["PortfolioRuntime", "SwitchRecord", "SwitchError", "PinThrottled", "PortfolioError"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +103,27 @@ class SwitchError(RuntimeError):
         ...     print("still serving", rt.active_id, "- logged:", rt.switch_log[-1].ok)
         still serving a - logged: False
     """
+
+
+class PinThrottled(RuntimeError):
+    """A pinned variant is not inflated and this interval's pin inflate is already spent.
+
+    ``retry_after_s`` says when the next pin inflate is allowed. Nothing was inflated.
+
+    Example::
+
+        >>> exc = PinThrottled("level_03", 0.4, 1.0)
+        >>> exc.variant_id, exc.retry_after_s
+        ('level_03', 0.4)
+        >>> print(str(exc).split(";")[1].strip())
+        retry in 0.40 s or send the request without a pin
+    """
+
+    def __init__(self, variant_id: str, retry_after_s: float, interval_s: float) -> None:
+        super().__init__(f"variant {variant_id!r} is not inflated and pins may inflate one variant per "
+                         f"{interval_s:g} s; retry in {retry_after_s:.2f} s or send the request without a pin")
+        self.variant_id = variant_id
+        self.retry_after_s = retry_after_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +261,7 @@ class _Variant:
         self._assign(flat)
         self.users = 0
         self.release_pending = False
+        self.inflate_lock = threading.Lock()  # a switch and a pin never inflate the same variant twice
 
     @property
     def live(self) -> bool:
@@ -276,6 +306,8 @@ class PortfolioRuntime:
         compression_level: codec level (zstd 3, zlib 6 by default).
         inflate_threads: threads that inflate a variant's frames in parallel on a switch (default:
             the number of cores, at most 4).
+        pin_inflate_interval_s: at most one inflate per this many seconds for pins to variants
+            that are not inflated (see the module docstring); ``0`` removes the limit.
 
     Thread-safe: requests may run concurrently with each other and with :meth:`switch_to`.
 
@@ -307,13 +339,17 @@ class PortfolioRuntime:
         >>> rt.cached_ids()                              # 'big' stays inflated: it fits the 1 MB budget
         ['big']
         >>> sorted(rt.resident_breakdown()), rt.resident_bytes() <= 2**20
-        (['active', 'cache', 'compressed', 'in_flight', 'total'], True)
+        (['active', 'cache', 'compressed', 'in_flight', 'pinned', 'total'], True)
     """
 
     def __init__(self, path: str | Path, *, memory_budget_mb: float | None = None, initial: str | None = None,
                  profile_batch_sizes: Sequence[int] | None = (1, 8), codec: str = "zstd",
-                 compression_level: int | None = None, inflate_threads: int | None = None) -> None:
+                 compression_level: int | None = None, inflate_threads: int | None = None,
+                 pin_inflate_interval_s: float = 1.0) -> None:
         self.path = Path(path)
+        if not pin_inflate_interval_s >= 0:  # also refuses NaN
+            raise ValueError(f"pin_inflate_interval_s must be >= 0, got {pin_inflate_interval_s!r}")
+        self.pin_inflate_interval_s = float(pin_inflate_interval_s)
         self._codec = _Codec(codec, compression_level, inflate_threads)
         self.manifest: dict[str, Any] = verify_portfolio(self.path)  # sha256 of every file, names the bad one
         self.variant_ids: list[str] = [v["id"] for v in self.manifest["variants"]]
@@ -334,6 +370,11 @@ class PortfolioRuntime:
         self._switch_lock = threading.RLock()  # one inflate at a time
         self._active = self._variants[initial or self.variant_ids[0]]
         self._cache: collections.OrderedDict[str, None] = collections.OrderedDict()  # inactive, inflated
+        self._pin_lock = threading.Lock()  # one pin inflate at a time, and the pin budget
+        self._pinned: str | None = None  # the pin slot: last variant inflated for a pin
+        self._last_pin_inflate = -float("inf")
+        self._clock = time.monotonic
+        self.pin_inflates = 0  #: inflates done for pins (not switches) since start
         self.switch_log: collections.deque[SwitchRecord] = collections.deque(maxlen=10_000)
         logger.info("portfolio %s: %d variants loaded in %.2fs, %s active, %.2f MB resident",
                     self.path, len(self.variant_ids), time.perf_counter() - started, self._active.id,
@@ -348,22 +389,28 @@ class PortfolioRuntime:
         return self._active.id
 
     @contextlib.contextmanager
-    def _hold(self, variant_id: str | None) -> Iterator[_Variant]:
-        """Pin a live variant for the duration of one request (inflating a pinned one if needed)."""
+    def _hold(self, variant_id: str | None, budgeted: bool = True) -> Iterator[_Variant]:
+        """Hold a live variant for the duration of one request (inflating a pinned one if needed).
+
+        ``budgeted`` (requests) applies the pin-inflate budget and keeps the variant in the pin
+        slot; ``False`` (profiling at start) inflates it for this call only.
+        """
         if variant_id is not None and variant_id != self._active.id:
             variant = self._get(variant_id)
-            with self._switch_lock:
-                with self._lock:
-                    if variant.live:  # active, cached, or still finishing a request (then released after)
-                        variant.users += 1
-                        borrowed = False
-                    else:
-                        borrowed = True
-                if borrowed:
-                    variant.inflate(self._codec)
+            with self._lock:
+                held = variant.live  # active, cached, pinned, or still finishing a request
+                if held:
+                    variant.users += 1
+            if not held and budgeted:
+                self._pin_inflate(variant)
+            elif not held:
+                with self._switch_lock, variant.inflate_lock:
+                    if not variant.live:
+                        variant.inflate(self._codec)
                     with self._lock:
                         variant.users += 1
-                        if variant is not self._active and variant.id not in self._cache:
+                        kept = variant.id in self._cache or variant.id == self._pinned
+                        if variant is not self._active and not kept:
                             variant.release_pending = not self._cache_admit(variant)
         else:
             with self._lock:
@@ -377,11 +424,51 @@ class PortfolioRuntime:
                 if variant.users == 0 and variant.release_pending and variant is not self._active:
                     variant.release()
 
+    def _pin_inflate(self, variant: _Variant) -> None:
+        """Inflate ``variant`` for a pin if the budget allows, hold it and keep it in the pin slot."""
+        with self._pin_lock, variant.inflate_lock:  # not the switch lock: switches never wait on a pin
+            with self._lock:
+                if variant.live:  # a switch or another pin inflated it meanwhile
+                    variant.users += 1
+                    return
+            now = self._clock()
+            wait_s = self._last_pin_inflate + self.pin_inflate_interval_s - now
+            if wait_s > 0:
+                raise PinThrottled(variant.id, wait_s, self.pin_inflate_interval_s)
+            self._last_pin_inflate = now
+            variant.inflate(self._codec)
+            self.pin_inflates += 1
+            with self._lock:
+                variant.users += 1
+                variant.release_pending = False
+                if variant is self._active or self._cache_admit(variant):
+                    return
+                previous, self._pinned = self._pinned, variant.id
+                if previous is not None and previous != variant.id:
+                    self._drop_unless_used(self._variants[previous])
+            logger.info("inflated %s for a pin (the pin slot)", variant.id)
+
+    def _drop_unless_used(self, variant: _Variant) -> None:
+        """Release an inactive, uncached variant now or after its last request (caller holds the lock)."""
+        if variant is self._active or variant.id in self._cache or variant.id == self._pinned or not variant.live:
+            return
+        if variant.users:
+            variant.release_pending = True
+        else:
+            variant.release()
+
+    def pinned_id(self) -> str | None:
+        """The variant held in the pin slot (inflated for a pin, outside the LRU cache), if any."""
+        with self._lock:
+            return self._pinned
+
     def infer(self, batch: torch.Tensor, variant_id: str | None = None) -> tuple[torch.Tensor, str]:
         """Logits for ``batch`` and the id of the variant that computed them.
 
         ``variant_id`` pins a variant for this call (a request header, say) without changing the
-        active one; by default the active variant serves it.
+        active one; by default the active variant serves it. A pin to a variant that is not
+        inflated inflates it at most once per ``pin_inflate_interval_s``; beyond that budget it
+        raises :class:`PinThrottled` and computes nothing.
         """
         with self._hold(variant_id) as variant, torch.inference_mode():
             return variant.module(batch), variant.id
@@ -409,27 +496,30 @@ class PortfolioRuntime:
             if target is source:
                 return None
             started = time.perf_counter()
-            with self._lock:
-                cached = target.live
-                if cached:
-                    target.release_pending = False
-            if not cached:
-                try:
-                    target.inflate(self._codec)
-                except Exception as exc:  # noqa: BLE001 - any inflate failure keeps the old variant
-                    seconds = time.perf_counter() - started
-                    with contextlib.suppress(Exception):
-                        target.release()
-                    record = SwitchRecord(source.id, target.id, time.time(), seconds, reason, ok=False,
-                                          error=f"{type(exc).__name__}: {exc}")
-                    self.switch_log.append(record)
-                    logger.error("switch %s -> %s failed (%s); %s stays active", source.id, target.id,
-                                 record.error, source.id)
-                    raise SwitchError(f"cannot inflate variant {target.id!r}: {record.error}; "
-                                      f"{source.id!r} stays active") from exc
+            with target.inflate_lock:  # a pin inflating the same variant finishes first
+                with self._lock:
+                    cached = target.live
+                    if cached:
+                        target.release_pending = False
+                if not cached:
+                    try:
+                        target.inflate(self._codec)
+                    except Exception as exc:  # noqa: BLE001 - any inflate failure keeps the old variant
+                        seconds = time.perf_counter() - started
+                        with contextlib.suppress(Exception):
+                            target.release()
+                        record = SwitchRecord(source.id, target.id, time.time(), seconds, reason, ok=False,
+                                              error=f"{type(exc).__name__}: {exc}")
+                        self.switch_log.append(record)
+                        logger.error("switch %s -> %s failed (%s); %s stays active", source.id, target.id,
+                                     record.error, source.id)
+                        raise SwitchError(f"cannot inflate variant {target.id!r}: {record.error}; "
+                                          f"{source.id!r} stays active") from exc
             with self._lock:
                 self._active = target
                 self._cache.pop(target.id, None)
+                if self._pinned == target.id:
+                    self._pinned = None
                 if not self._cache_admit(source):
                     if source.users:
                         source.release_pending = True
@@ -465,16 +555,18 @@ class PortfolioRuntime:
     # ----------------------------------------------------------------------------------- memory
     def resident_breakdown(self) -> dict[str, int]:
         """Bytes held for model weights: ``compressed`` (all blobs), ``active``, ``cache`` (inactive
-        but inflated), ``in_flight`` (released variants still finishing a request), ``total``."""
+        but inflated), ``pinned`` (the pin slot), ``in_flight`` (released variants still finishing a
+        request), ``total``."""
         with self._lock:
             return self._breakdown()
 
     def _breakdown(self) -> dict[str, int]:
         out = {"compressed": sum(len(v.blob) for v in self._variants.values()),
-               "active": self._active.nbytes, "cache": 0, "in_flight": 0}
+               "active": self._active.nbytes, "cache": 0, "pinned": 0, "in_flight": 0}
         for v in self._variants.values():
             if v.live and v is not self._active:
-                out["cache" if v.id in self._cache else "in_flight"] += v.nbytes
+                kind = "cache" if v.id in self._cache else "pinned" if v.id == self._pinned else "in_flight"
+                out[kind] += v.nbytes
         out["total"] = sum(out.values())
         return out
 
@@ -507,7 +599,7 @@ class PortfolioRuntime:
         started = time.perf_counter()
         profiles: dict[str, dict[int, float]] = {}
         for vid in self.variant_ids:
-            with self._hold(vid) as variant, torch.inference_mode():
+            with self._hold(vid, budgeted=False) as variant, torch.inference_mode():
                 profiles[vid] = {}
                 for b in batch_sizes:
                     x = self.example_batch(int(b))

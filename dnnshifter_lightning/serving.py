@@ -43,6 +43,11 @@ __all__ = [
 PIN_HEADER = "X-DNNShifter-Variant"
 INITIAL_SWITCH_REASON = "initial choice"  # the handler's switch log entry for the variant it starts on
 HANDLER_FILE = Path(__file__).resolve().parent.parent / "serve_handlers" / "portfolio_handler.py"
+#: Largest request body TorchServe's frontend accepts (``max_request_size``): a 3x224x224 input as
+#: JSON is about 1.5 MB, a photo-sized JPEG a few MB.
+MAX_REQUEST_BYTES = 8 * 2**20
+#: Largest response (``max_response_size``): ours are a label and one score per class.
+MAX_RESPONSE_BYTES = 2**20
 
 JAVA_HELP = (
     "TorchServe 0.12 needs Java 17 (a JRE is enough). Install it with one of:\n"
@@ -67,6 +72,9 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
         "fixed_variant": None,
         "slo_ms": None,
         "pin_header": PIN_HEADER,
+        "pin_inflate_interval_s": 1.0,  # a pin to a non-resident variant inflates it at most once per interval
+        "max_image_pixels": 4096 * 4096,  # width x height, checked on the image header before decoding
+        "max_body_bytes": MAX_REQUEST_BYTES,
         "profile_batch_sizes": [1, 8],
         "torch_threads": "auto",
         "log_signals_s": 5.0,
@@ -269,8 +277,14 @@ class TorchServeServer:
     """A real TorchServe on 127.0.0.1 with its own ports, working dir and TMPDIR; always stopped.
 
     ``models`` maps model name to ``.mar`` file name inside ``store`` (or is a list of names,
-    meaning ``NAME.mar``). With ``no_auth=False`` token authorization stays on and the keys are read
-    from ``key_file.json`` in ``workdir``; :meth:`predict` and :meth:`management` send them.
+    meaning ``NAME.mar``). Secure by default:
+
+    * token authorization is on (``no_auth=False``); the keys are read from ``key_file.json`` in
+      ``workdir`` and :meth:`predict` and :meth:`management` send them;
+    * the management API cannot register models (``enable_model_api=False``); with
+      ``enable_model_api=True`` it can, but only ``.mar`` files directly inside ``store``
+      (``allowed_urls`` is a regex anchored on the store's path), since a ``.mar`` is code;
+    * request and response sizes are capped (``max_request_size`` / ``max_response_size``).
 
     Example::
 
@@ -292,7 +306,9 @@ class TorchServeServer:
         >>> ts.models, ts.inference_url, ts.inference_headers()
         ({'digits': 'digits.mar'}, 'http://127.0.0.1:18080', {})
         >>> props = ts.config_properties().splitlines()
-        >>> "load_models=digits=digits.mar" in props, "allowed_urls=file://.*" in props
+        >>> "load_models=digits=digits.mar" in props, "enable_model_api=false" in props
+        (True, True)
+        >>> "disable_token_authorization=false" in props, f"max_request_size={MAX_REQUEST_BYTES}" in props
         (True, True)
         >>> ts.stop()                     # never started: this only removes its temporary directories
         >>> body = json.dumps({"data": [[[0.0] * 8] * 8]}).encode()      # one 1x8x8 digit
@@ -300,10 +316,15 @@ class TorchServeServer:
         ...     status, reply = ts.predict("digits", body)
     """
 
-    def __init__(self, store: Path, models: Mapping[str, str] | Sequence[str] | None = None, *, no_auth: bool = True,
+    def __init__(self, store: Path, models: Mapping[str, str] | Sequence[str] | None = None, *, no_auth: bool = False,
+                 enable_model_api: bool = False, max_request_size: int = MAX_REQUEST_BYTES,
                  workdir: Path | None = None, ports: Mapping[str, int] | None = None,
                  extra_config: Mapping[str, Any] | None = None, startup_timeout: float = 180.0) -> None:
         self.store = Path(store).resolve()
+        if "," in str(self.store):  # allowed_urls is a comma-separated list of regexes
+            raise ServingError(f"model store {self.store}: a path with ',' cannot be anchored in allowed_urls")
+        self.enable_model_api = enable_model_api
+        self.max_request_size = int(max_request_size)
         if models is None:
             models = {}
         elif not isinstance(models, Mapping):
@@ -345,7 +366,7 @@ class TorchServeServer:
         return self.workdir / "logs"
 
     def _key(self, kind: str) -> str | None:
-        if self.no_auth:
+        if self.no_auth or not self.key_file.is_file():  # no keys before TorchServe writes them
             return None
         if kind not in self._keys:
             data = json.loads(self.key_file.read_text())
@@ -361,8 +382,22 @@ class TorchServeServer:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     # ---------------------------------------------------------------- lifecycle
+    def allowed_urls(self) -> str:
+        """The only model URLs TorchServe may load: a ``.mar`` directly inside the model store.
+
+        >>> import tempfile
+        >>> ts = TorchServeServer(Path("/srv/models"))
+        >>> pattern = ts.allowed_urls()
+        >>> [bool(re.fullmatch(pattern, u)) for u in ("file:///srv/models/digits.mar", "file:///tmp/evil.mar",
+        ...                                            "file:///srv/models/../evil.mar", "http://x/digits.mar")]
+        [True, False, False, False]
+        >>> ts.stop()
+        """
+        return "^file://" + re.escape(str(self.store)) + r"/[A-Za-z0-9_][A-Za-z0-9_.-]*\.mar$"
+
     def config_properties(self) -> str:
-        """The generated ``config.properties``: loopback only, fixed worker count, nothing fetched."""
+        """The generated ``config.properties``: loopback only, token auth, no model registration
+        unless asked for, bounded sizes, fixed worker count, nothing fetched."""
         props = {
             "inference_address": self.inference_url,
             "management_address": self.management_url,
@@ -376,8 +411,11 @@ class TorchServeServer:
             "default_workers_per_model": 1,
             "install_py_dep_per_model": "false",
             "disable_token_authorization": "true" if self.no_auth else "false",
-            "enable_model_api": "true",  # management API may register models (used by benchmarks)
-            "allowed_urls": r"file://.*",  # never fetch a model over the network
+            # a .mar is code: registering one over the management API is opt-in, and only from the store
+            "enable_model_api": "true" if self.enable_model_api else "false",
+            "allowed_urls": self.allowed_urls(),
+            "max_request_size": self.max_request_size,
+            "max_response_size": MAX_RESPONSE_BYTES,
             "metrics_mode": "prometheus",
             "model_metrics_auto_detect": "true",
             "disable_system_metrics": "true",
@@ -529,10 +567,43 @@ class TorchServeServer:
 
     # ---------------------------------------------------------------- detached servers (CLI)
     def state(self) -> dict[str, Any]:
-        """What :meth:`attach` needs to stop this server from another process."""
-        return {"pid": self.pid, "pgid": self._launcher_pgid, "tmpdir": str(self.tmpdir), "workdir": str(self.workdir),
-                "store": str(self.store), "models": self.models, "no_auth": self.no_auth,
-                "ports": vars(self.ports), "started": time.time()}
+        """What :meth:`attach` needs to stop this server from another process. ``pid_create_time``
+        identifies the frontend process, so a recycled pid is never mistaken for it."""
+        return {"pid": self.pid, "pgid": self._launcher_pgid, "pid_create_time": _create_time(self.pid),
+                "tmpdir": str(self.tmpdir), "workdir": str(self.workdir), "store": str(self.store),
+                "models": self.models, "no_auth": self.no_auth, "ports": vars(self.ports), "started": time.time()}
+
+    def verify_ours(self, state: Mapping[str, Any]) -> str | None:
+        """``None`` if the process ``state`` names is still the TorchServe it describes, else why not.
+
+        It must be alive, have the recorded start time (so the pid was not recycled), run
+        TorchServe's frontend (``org.pytorch.serve.ModelServer``) with this server's TMPDIR and
+        model store on its command line, and lead or belong to the recorded process group.
+        """
+        import psutil
+
+        pid, pgid, created = state.get("pid"), state.get("pgid"), state.get("pid_create_time")
+        if not isinstance(pid, int) or not isinstance(pgid, int) or not isinstance(created, (int, float)):
+            return "the state file lacks the pid, process group or start time of the server"
+        try:
+            proc = psutil.Process(pid)
+            cmdline, started, status = proc.cmdline(), proc.create_time(), proc.status()
+        except (psutil.Error, OSError) as exc:
+            return f"process {pid} is gone ({type(exc).__name__})"
+        if status == psutil.STATUS_ZOMBIE:
+            return f"process {pid} has exited"
+        if abs(started - created) > 0.05:
+            return f"process {pid} started at {started:.2f}, not {created:.2f}: the pid was reused"
+        if "org.pytorch.serve.ModelServer" not in cmdline:
+            return f"process {pid} is not a TorchServe frontend: {' '.join(cmdline)[:200]}"
+        if f"-Djava.io.tmpdir={self.tmpdir}" not in cmdline or str(self.store) not in cmdline:
+            return f"process {pid} is a TorchServe, but not the one started with {self.tmpdir} and {self.store}"
+        try:
+            if os.getpgid(pid) != pgid:
+                return f"process {pid} is not in the recorded process group {pgid}"
+        except OSError as exc:
+            return f"process {pid}: {exc}"
+        return None
 
     @classmethod
     def attach(cls, state: Mapping[str, Any]) -> "TorchServeServer":
@@ -544,6 +615,17 @@ class TorchServeServer:
         server._own_workdir = False
         server.pid, server._launcher_pgid = state["pid"], state["pgid"]
         return server
+
+
+def _create_time(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001 - no psutil or no process: the state then cannot be verified
+        return None
 
 
 def read_switches(server: TorchServeServer) -> list[dict[str, Any]]:
@@ -633,12 +715,13 @@ def archive_command(portfolio: Path, model_name: str, export_path: Path, config:
 
 
 def serve_command(store: Path, model: str, *, inference_port: int | None = None, management_port: int | None = None,
-                  metrics_port: int | None = None, no_auth: bool = False, foreground: bool = False,
-                  console: Any = None) -> dict[str, Any]:
+                  metrics_port: int | None = None, no_auth: bool = False, enable_model_api: bool = False,
+                  foreground: bool = False, console: Any = None) -> dict[str, Any]:
     """``dnnshifter serve STORE --model NAME``: start TorchServe on 127.0.0.1 and wait until it is healthy.
 
     Ports default to TorchServe's 8080/8081/8082 when free, else free ones. Token authorization
-    stays on unless ``no_auth``. The server keeps running in the background (stop it with
+    stays on unless ``no_auth``; the management API registers models only with ``enable_model_api``
+    (and then only ``.mar`` files in ``store``). The server keeps running in the background (stop it with
     :func:`serve_stop_command`) unless ``foreground``, which serves until Ctrl-C.
 
     Example::
@@ -665,10 +748,12 @@ def serve_command(store: Path, model: str, *, inference_port: int | None = None,
     home = state_dir()
     state_file = home / "serve.json"
     if state_file.is_file():
-        old = TorchServeServer.attach(json.loads(state_file.read_text()))
-        if old._alive():
-            raise _fail(console, ServingError(f"a server is already running ({old.inference_url}); "
-                                              "stop it first: dnnshifter serve --stop"))
+        state = _read_state(state_file)
+        if state is not None:
+            old = TorchServeServer.attach(state)
+            if old.verify_ours(state) is None:
+                raise _fail(console, ServingError(f"a server is already running ({old.inference_url}); "
+                                                  "stop it first: dnnshifter serve --stop"))
         state_file.unlink()
     mar = Path(store) / f"{model}.mar"
     if not mar.is_file():
@@ -678,20 +763,27 @@ def serve_command(store: Path, model: str, *, inference_port: int | None = None,
     ports = {k: v or (d if _port_is_free(d) else free_port()) for (k, v), d in zip(wanted.items(), (8080, 8081, 8082))}
     workdir = home / "torchserve"
     shutil.rmtree(workdir / "logs", ignore_errors=True)
-    server = TorchServeServer(store, {model: mar.name}, no_auth=no_auth, workdir=workdir, ports=ports)
+    server = TorchServeServer(store, {model: mar.name}, no_auth=no_auth, enable_model_api=enable_model_api,
+                              workdir=workdir, ports=ports)
     with console.status(f"starting TorchServe for {model} (loading and profiling the portfolio)..."):
         try:
             server.start()
         except ServingError as exc:
             raise _fail(console, exc) from exc
     home.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(server.state(), indent=2))
+    partial = state_file.with_suffix(".json.partial")
+    partial.write_text(json.dumps(server.state(), indent=2))
+    partial.replace(state_file)  # atomic: --stop never reads half a state file
     console.print(f"[bold green]TorchServe is serving {model}[/]\n"
                   f"  inference   {server.inference_url}/predictions/{model}\n"
                   f"  management  {server.management_url}/models/{model}\n"
                   f"  metrics     {server.metrics_url}/metrics\n"
                   f"  logs        {server.log_dir}")
     auth = "" if no_auth else f' -H "Authorization: Bearer $(jq -r .inference.key {server.key_file})"'
+    if no_auth:
+        console.print("  [yellow]token auth is OFF (--no-auth):[/] any local user can call every API")
+    if enable_model_api:
+        console.print(f"  [yellow]the management API can register models[/] (only .mar files in {server.store})")
     if not no_auth:
         console.print(f"  token auth is ON: keys are in {server.key_file} (inference.key for predictions, "
                       "management.key for the management API; they expire after 60 min, the API key there "
@@ -718,8 +810,21 @@ def serve_command(store: Path, model: str, *, inference_port: int | None = None,
     return info
 
 
+def _read_state(state_file: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(state_file.read_text())
+        TorchServeServer.attach(state)  # has every field attach needs
+    except (OSError, ValueError, KeyError, TypeError, ServingError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def serve_stop_command(console: Any = None) -> bool:
     """``dnnshifter serve --stop``: stop the server ``dnnshifter serve`` started. True if one was running.
+
+    Only a process verified as that TorchServe (:meth:`TorchServeServer.verify_ours`: same pid,
+    start time, command line and process group) is signalled. A stale or foreign state file is
+    removed with a message, and nothing is signalled.
 
     Example::
 
@@ -735,12 +840,21 @@ def serve_stop_command(console: Any = None) -> bool:
     if not state_file.is_file():
         console.print("no server started by `dnnshifter serve` is running")
         return False
-    server = TorchServeServer.attach(json.loads(state_file.read_text()))
-    was_running = server._alive()
+    state = _read_state(state_file)
+    if state is None:
+        state_file.unlink(missing_ok=True)
+        console.print(f"{state_file} was unreadable; removed it, signalled nothing")
+        return False
+    server = TorchServeServer.attach(state)
+    why_not = server.verify_ours(state)
+    if why_not is not None:
+        state_file.unlink(missing_ok=True)
+        console.print(f"not stopping anything: {why_not}. Removed the stale {state_file}", highlight=False)
+        return False
     server.stop()
     state_file.unlink(missing_ok=True)
-    console.print("TorchServe stopped" if was_running else "the recorded server had already exited")
-    return was_running
+    console.print("TorchServe stopped")
+    return True
 
 
 # -------------------------------------------------------------------------------- the demo
@@ -763,14 +877,15 @@ def _fmt(v: Any) -> str:
 
 def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *, model_name: str = "digits",
                      burst_s: float = 8.0, idle_s: float = 20.0, concurrency: int = 16, idle_rate: float = 2.0,
-                     no_auth: bool = True, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     no_auth: bool = False, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The serving part of ``dnnshifter demo``: archive, serve with real TorchServe, load it, report.
 
     Three phases against 127.0.0.1 with the held-out digits as JSON requests: ``light``
     (``idle_rate`` requests/s for 3 s), ``burst`` (``concurrency`` clients back to back for
     ``burst_s``), ``idle`` (``idle_rate`` requests/s until the most accurate variant serves again,
     at least 5 s and at most ``idle_s``). Prints every switch (from, to, when, why) and latency
-    percentiles and accuracy per phase. Returns them as a dict (``{"skipped": why}`` without Java).
+    percentiles and accuracy per phase. Token auth stays on unless ``no_auth`` (``dnnshifter demo``
+    turns it off, on loopback, and says so). Returns them as a dict (``{"skipped": why}`` without Java).
     ``config`` overrides the archive's model-config (e.g. ``{"handler": {"policy": {...}}}``).
     About 30-60 s including TorchServe's start.
 
@@ -805,6 +920,8 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     path = f"/predictions/{model_name}"
     results: dict[str, list[LoadResult]] = {}
     console.print(f"[bold]serving {mar.name} with TorchServe[/] (127.0.0.1, {len(bodies)} held-out digits as requests)")
+    if no_auth:
+        console.print("[yellow]token auth is OFF for this demo[/] (127.0.0.1 only; `dnnshifter serve` keeps it on)")
     with TorchServeServer(mar.parent, {model_name: mar.name}, no_auth=no_auth, workdir=workdir / "torchserve") as ts:
         from .portfolio import read_manifest
 

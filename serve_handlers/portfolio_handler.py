@@ -6,10 +6,13 @@ batch. ``dnnshifter archive`` packs this file, the portfolio (``portfolio/``) an
 ``model-config.yaml`` into a ``.mar``; options live under ``handler:`` in that YAML (see
 ``dnnshifter_lightning.serving.DEFAULT_MODEL_CONFIG`` for the keys and defaults).
 
-Request body: PNG/JPEG bytes, or JSON ``{"data": <one input without the batch dim>}``.
-Response: ``{"label": int, "scores": [...], "variant": "<id>"}``; a bad request gets a 4xx and
-``{"error": "..."}`` while the rest of its batch is served. A request header
-``X-DNNShifter-Variant: <id>`` pins the variant for that request.
+Request body: PNG/JPEG bytes, or JSON ``{"data": <one input without the batch dim>}``, at most
+``max_body_bytes``; images at most ``max_image_pixels`` (checked on the header before decoding,
+see :mod:`dnnshifter_lightning.images`). Response: ``{"label": int, "scores": [...], "variant":
+"<id>"}``; a bad request gets a 4xx and ``{"error": "..."}`` while the rest of its batch is served.
+A request header ``X-DNNShifter-Variant: <id>`` pins the variant for that request; a pin to a
+variant that is not inflated inflates it at most once per ``pin_inflate_interval_s``, and a pin
+beyond that budget gets a 429 with ``Retry-After`` (see ``docs/serving.md``).
 
 Each switch is logged as one line ``DNNSHIFTER_SWITCH {json}`` (from, to, reason, switch_ms,
 time) in TorchServe's ``model_log.log``; metrics go through ``context.metrics``.
@@ -22,7 +25,6 @@ Example (after ``dnnshifter archive portfolio --model-name digits --export-path 
 
 from __future__ import annotations
 
-import io
 import json
 from http import HTTPStatus
 import logging
@@ -35,9 +37,10 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from dnnshifter_lightning.images import ImageRejected, decode_image, install_bomb_guard
 from dnnshifter_lightning.policy import LoadPolicy, PolicyConfig, profiles_from_manifest
 from dnnshifter_lightning.portfolio import pareto_front
-from dnnshifter_lightning.runtime import PortfolioRuntime, SwitchError
+from dnnshifter_lightning.runtime import PinThrottled, PortfolioRuntime, SwitchError
 from dnnshifter_lightning.serving import INITIAL_SWITCH_REASON, default_model_config
 
 logger = logging.getLogger(__name__)
@@ -64,7 +67,8 @@ class PortfolioHandler(BaseHandler):
         self.options = opts = default_model_config({"handler": yaml_cfg.get("handler") or {}})["handler"]
         root = os.path.join(props.get("model_dir"), opts["portfolio_dir"])
         try:  # checks every file's sha256 and loads every variant once
-            self.runtime = PortfolioRuntime(root, memory_budget_mb=opts["memory_budget_mb"], profile_batch_sizes=None)
+            self.runtime = PortfolioRuntime(root, memory_budget_mb=opts["memory_budget_mb"], profile_batch_sizes=None,
+                                            pin_inflate_interval_s=float(opts["pin_inflate_interval_s"]))
             self.manifest = self.runtime.manifest
         except Exception as exc:
             logger.error("DNNSHIFTER_REFUSED portfolio %s cannot be served: %s", root, exc)
@@ -80,6 +84,9 @@ class PortfolioHandler(BaseHandler):
         self.std = torch.tensor(spec.get("std") or [1.0]).view(-1, 1, 1)
         self.color = spec.get("color") or {1: "L", 3: "RGB", 4: "RGBA"}.get(self.shape[0], "L")
         self.pin_header = str(opts["pin_header"]).lower()
+        self.max_body_bytes = int(opts["max_body_bytes"])
+        self.max_image_pixels = int(opts["max_image_pixels"])
+        install_bomb_guard(self.max_image_pixels)
         self.switch_count, self.last_switch_ms = 0, math.nan
         try:
             config = self._policy_config()
@@ -126,6 +133,8 @@ class PortfolioHandler(BaseHandler):
             return _bad(400, f"cannot read request: {exc.__class__.__name__}: {exc}")
 
     def _parse(self, body) -> torch.Tensor | dict:
+        if isinstance(body, (bytes, bytearray, str)) and len(body) > self.max_body_bytes:
+            return _bad(413, f"request body is {len(body):,} bytes; the limit is {self.max_body_bytes:,}")
         if isinstance(body, (bytes, bytearray)):
             if not body:
                 return _bad(400, "empty request body")
@@ -158,22 +167,12 @@ class PortfolioHandler(BaseHandler):
         return x
 
     def _image(self, raw: bytes) -> torch.Tensor | dict:
-        from PIL import Image, UnidentifiedImageError
-
         try:
-            with Image.open(io.BytesIO(raw)) as img:
-                if img.format not in ("PNG", "JPEG"):
-                    return _bad(415, f"image format {img.format} not accepted; send PNG or JPEG")
-                img = img.convert(self.color)
-                size = (self.shape[-1], self.shape[-2])
-                if img.size != size:
-                    img = img.resize(size, Image.BILINEAR)
-                pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            return _bad(415, f"body is neither JSON {{\"data\": ...}} nor a PNG/JPEG image ({exc.__class__.__name__})")
-        except (OSError, ValueError, SyntaxError) as exc:
-            return _bad(400, f"cannot decode image: {exc}")
-        x = pixels.view(size[1], size[0], -1).permute(2, 0, 1).float() / 255.0
+            x = decode_image(raw, size=(self.shape[-1], self.shape[-2]), mode=self.color,
+                             max_pixels=self.max_image_pixels)
+        except ImageRejected as exc:
+            hint = ' (the body is not JSON {"data": ...} either)' if exc.status == 415 else ""
+            return _bad(exc.status, f"{exc}{hint}")
         if list(x.shape) != self.shape:
             return _bad(400, f"image gives shape {list(x.shape)}, expected {self.shape}")
         return (x - self.mean) / self.std
@@ -207,7 +206,12 @@ class PortfolioHandler(BaseHandler):
         with torch.inference_mode():
             for vid, idxs in groups.items():
                 start = time.perf_counter()
-                logits, vid = self.runtime.infer(torch.stack([items[i][0] for i in idxs]), vid)
+                try:
+                    logits, vid = self.runtime.infer(torch.stack([items[i][0] for i in idxs]), vid)
+                except PinThrottled as exc:  # over the pin-inflate budget: these requests only
+                    for i in idxs:
+                        results[i] = dict(_bad(429, str(exc)), retry_after=max(1, math.ceil(exc.retry_after_s)))
+                    continue
                 for i, row in zip(idxs, logits.float()):
                     results[i] = (vid, row)
                 if vid != self.runtime.active_id:
@@ -221,6 +225,8 @@ class PortfolioHandler(BaseHandler):
             if isinstance(res, dict):
                 self.context.set_response_status(res["status"], HTTPStatus(res["status"]).phrase, idx)
                 self.context.set_response_content_type(idx, "application/json")
+                if "retry_after" in res:
+                    self.context.set_response_header(idx, "Retry-After", str(res["retry_after"]))
                 out.append(json.dumps({"error": res["error"], "code": res["status"]}))
                 continue
             vid, logits = res

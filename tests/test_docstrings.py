@@ -18,7 +18,7 @@ MODULES = [
     "dnnshifter_lightning",
     *(f"dnnshifter_lightning.{name}" for name in (
         "masks", "imp", "structured", "portfolio", "profile", "builder", "runtime", "policy", "serving", "loadgen",
-        "digits", "models", "plot", "demo",
+        "digits", "models", "plot", "demo", "images", "checkpoints",
     )),
 ]
 
