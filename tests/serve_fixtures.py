@@ -10,6 +10,7 @@ equivalence test compares against local inference.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from pathlib import Path
@@ -78,3 +79,31 @@ def png_body(x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
     Image.fromarray(pixels.numpy(), mode="L").save(buf, format="PNG")
     decoded = (pixels.float() / 255.0 - 0.5) / 0.5
     return buf.getvalue(), decoded.unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=4)
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid grayscale PNG of ``width x height`` zeros: tiny on the wire (zlib squeezes the rows
+    ~1000:1), ``width * height`` bytes once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compressobj(9)
+    blank_row = b"\x00" * (width + 1)  # filter byte 0 + one zero byte per pixel
+    block = blank_row * 100
+    idat = b"".join(rows.compress(block) for _ in range(height // 100))
+    idat += rows.compress(blank_row * (height % 100)) + rows.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def small_image(fmt: str, size: tuple[int, int] = (8, 8)) -> bytes:
+    """A small grey image in any format Pillow writes (PNG, JPEG, GIF, BMP, TIFF, WEBP...)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", size, 128).save(buf, format=fmt)
+    return buf.getvalue()

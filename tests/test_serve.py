@@ -1,7 +1,8 @@
 """Integration tests against a real TorchServe (Java 17) on loopback ports with its own TMPDIR.
 
-One server (token auth on) is shared by the module; it is always stopped by the fixture's
-finalizer. Everything is bounded: request counts, load durations and polling loops.
+One server (token auth on, as by default; the model-registration API opted in, for the tests that
+register archives) is shared by the module; it is always stopped by the fixture's finalizer.
+Everything is bounded: request counts, load durations and polling loops.
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -21,7 +26,7 @@ from dnnshifter_lightning.runtime import PortfolioRuntime
 from dnnshifter_lightning.serving import (
     PIN_HEADER, JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches, run_load,
 )
-from serve_fixtures import build_test_portfolio, digits_samples, json_body, png_body
+from serve_fixtures import bomb_png, build_test_portfolio, digits_samples, json_body, png_body, small_image
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -44,7 +49,7 @@ def store(portfolio, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
-    ts = TorchServeServer(store, [MODEL], no_auth=False, workdir=tmp_path_factory.mktemp("ts"))
+    ts = TorchServeServer(store, [MODEL], enable_model_api=True, workdir=tmp_path_factory.mktemp("ts"))
     try:
         ts.start()
         yield ts
@@ -90,14 +95,46 @@ def test_png_request(server, local):
         _assert_matches_local(local, decoded, reply)
 
 
+def _pinned(server, body, vid):
+    """Predict with a pin; a 429 (the pin-inflate budget is spent) is retried after its Retry-After."""
+    for _ in range(10):
+        status, reply = server.predict(MODEL, body, {PIN_HEADER: vid})
+        if status != 429:
+            return status, reply
+        assert "retry in" in json.loads(reply)["error"]
+        time.sleep(1.0)  # Retry-After is whole seconds; the budget is one inflate per 1 s
+    raise AssertionError(f"pin to {vid} throttled 10 times in a row")
+
+
 def test_pin_header_serves_the_pinned_variant(server, local):
     x, _ = digits_samples(2)
     for vid in local.variant_ids:
-        reply = _reply(server.predict(MODEL, json_body(x[1]), {PIN_HEADER: vid}))
+        reply = _reply(_pinned(server, json_body(x[1]), vid))
         assert reply["variant"] == vid
         _assert_matches_local(local, x[1], reply)
     status, body = server.predict(MODEL, json_body(x[1]), {PIN_HEADER: "no_such_variant"})
     assert status == 400 and "no_such_variant" in json.loads(body)["error"]
+
+
+def test_pins_beyond_the_inflate_budget_get_429_and_never_a_wrong_variant(server, local):
+    # two inactive variants pinned back to back: the first may inflate, then at most one more
+    # inflate per second, so alternating pins must get some 429s with Retry-After, and every
+    # 200 must come from the variant asked for
+    x, _ = digits_samples(1)
+    body = json_body(x[0])
+    others = local.variant_ids[1:]
+    statuses = []
+    for i in range(12):
+        vid = others[i % len(others)]
+        status, reply = serving._http("POST", server.ports.inference, f"/predictions/{MODEL}", body,
+                                      {**server.inference_headers(), PIN_HEADER: vid})
+        statuses.append(status)
+        if status == 200:
+            assert json.loads(reply)["variant"] == vid
+        else:
+            assert status == 429 and "retry in" in json.loads(reply)["error"], (status, reply[:200])
+    assert 429 in statuses and 200 in statuses, statuses
+    assert server.predict(MODEL, body)[0] == 200  # unpinned requests are not throttled
 
 
 def test_token_auth_is_enforced(server):
@@ -122,6 +159,26 @@ BAD_BODIES = {
     "truncated png": None,  # filled in the test from a real PNG
     "multi-MB noise": os.urandom(3 * 1024 * 1024),
 }
+
+
+def test_images_are_png_or_jpeg_and_pixels_are_capped_before_decoding(server, local):
+    # a 10,000 x 10,000 blank PNG is ~100 KB on the wire and 100 MB decoded: refused from its header
+    bomb = bomb_png(10_000, 10_000)
+    assert len(bomb) < 200_000
+    status, reply = server.predict(MODEL, bomb, {"Content-Type": "image/png"})
+    assert status == 413 and "pixels" in json.loads(reply)["error"], (status, reply[:300])
+    for fmt in ("GIF", "BMP", "TIFF", "WEBP"):
+        status, reply = server.predict(MODEL, small_image(fmt))
+        assert status == 415 and "PNG or JPEG" in json.loads(reply)["error"], (fmt, status, reply[:300])
+    status, reply = server.predict(MODEL, small_image("JPEG"))
+    assert status == 200 and json.loads(reply)["variant"] in local.variant_ids
+
+
+def test_bodies_over_max_request_size_are_refused(server):
+    status, _ = server.predict(MODEL, b"{" + b" " * serving.MAX_REQUEST_BYTES + b"}")
+    assert status == 413
+    assert "max_request_size=8388608" in (server.workdir / "config.properties").read_text()
+    assert server.predict(MODEL, json_body(digits_samples(1)[0][0]))[0] == 200
 
 
 def test_each_bad_input_gets_an_error_and_the_server_keeps_serving(server, local):
@@ -223,6 +280,15 @@ def test_corrupt_portfolio_is_refused_with_a_clear_log_line(server, portfolio, s
     assert server.predict(MODEL, json_body(x[0]))[0] == 200  # the good model is unaffected
 
 
+def test_model_api_registers_archives_only_from_the_model_store(server, portfolio, store, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    build_archive(portfolio, "intruder", elsewhere)
+    for url in (f"file://{elsewhere}/intruder.mar", os.path.relpath(elsewhere / "intruder.mar", store)):
+        status, body = server.management("POST", f"/models?url={url}&initial_workers=1&synchronous=true")
+        assert status == 404 and (b"allowed URL" in body or b"Relative path" in body), (url, status, body[:300])
+    assert server.model_status("intruder") is None
+
+
 def test_fixed_variant_from_archive_config(server, portfolio, store, local):
     build_archive(portfolio, "fixed", store, config={"handler": {"fixed_variant": local.variant_ids[-1]}}, force=True)
     status, body = server.management("POST", "/models?url=fixed.mar&initial_workers=1&synchronous=true")
@@ -271,6 +337,12 @@ def test_serve_command_starts_with_auth_and_stop_command_stops(store, tmp_path, 
         status, body = serving._http("POST", ports["inference_port"], f"/predictions/{MODEL}", json_body(x[0]),
                                      {"Authorization": f"Bearer {keys['inference']['key']}"})
         assert status == 200 and "variant" in json.loads(body)
+        # by default the management API registers nothing, not even an archive from the store
+        mgmt = {"Authorization": f"Bearer {keys['management']['key']}"}
+        for url in (f"{MODEL}.mar", f"file://{store.resolve()}/{MODEL}.mar"):
+            status, body = serving._http("POST", ports["management_port"], f"/models?url={url}&model_name=again",
+                                         headers=mgmt)
+            assert status == 405, (url, status, body[:300])
         with pytest.raises(SystemExit):  # a second server is refused while one runs
             serving.serve_command(store, MODEL)
     finally:
@@ -284,6 +356,93 @@ def test_serve_command_starts_with_auth_and_stop_command_stops(store, tmp_path, 
             break
         assert time.monotonic() < deadline, "server still answering after stop"
         time.sleep(0.2)
+
+
+def test_stop_never_signals_a_process_it_cannot_verify_as_its_torchserve(tmp_path, monkeypatch):
+    # a stale state file (a crashed server, a recycled pid, or an edited file) names an unrelated
+    # process group: --stop must leave it alone, say why, and remove the stale state
+    home = tmp_path / "home"
+    monkeypatch.setenv("DNNSHIFTER_HOME", str(home))
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        state = TorchServeServer(tmp_path, ["digits"], workdir=tmp_path / "ts").state()
+        state.update(pid=bystander.pid, pgid=bystander.pid, pid_create_time=serving._create_time(bystander.pid))
+        home.mkdir()
+        (home / "serve.json").write_text(json.dumps(state))
+        from rich.console import Console
+
+        console = Console(record=True, width=300)
+        assert serving.serve_stop_command(console) is False
+        text = console.export_text()
+        assert "not stopping anything" in text and "not a TorchServe frontend" in text, text
+        assert bystander.poll() is None, "the unrelated process was signalled"
+        assert not (home / "serve.json").exists()
+        # nor is one with the right pid but another start time (a recycled pid)
+        state["pid_create_time"] -= 10
+        (home / "serve.json").write_text(json.dumps(state))
+        assert serving.serve_stop_command(Console(record=True, width=300)) is False
+        assert bystander.poll() is None
+    finally:
+        os.killpg(bystander.pid, signal.SIGKILL)
+        bystander.wait(10)
+
+
+def _worker_pids(server) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(server.pid).children(recursive=True)
+            if any("model_service_worker" in part for part in c.cmdline())]
+
+
+def test_killed_worker_recovers_during_a_burst_and_every_request_is_answered(server, local):
+    """SIGKILL the Python worker (not the frontend) mid-burst: TorchServe restarts it by itself,
+    every request gets an HTTP answer (an error counts), and 200s come back within a bound."""
+    x, _ = digits_samples(16)
+    bodies = [json_body(x[i]) for i in range(len(x))]
+    old = _worker_pids(server)
+    assert len(old) == 1, old
+    log: list[tuple[float, float, int | str]] = []  # (sent, done, status or exception name)
+    stop = threading.Event()
+    t_kill = [0.0]
+
+    def client(k: int) -> None:
+        for n in range(400):  # bounded: 8 clients x 400 requests at most
+            if stop.is_set():
+                return
+            sent = time.monotonic()
+            try:
+                status, _ = server.predict(MODEL, bodies[(k + n) % len(bodies)], timeout=60)
+            except Exception as exc:  # noqa: BLE001 - recorded, asserted below
+                status = type(exc).__name__
+            log.append((sent, time.monotonic(), status))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while sum(1 for entry in log if entry[2] == 200) < 20:  # the burst is under way
+            assert time.monotonic() < deadline, log[-5:]
+            time.sleep(0.05)
+        t_kill[0] = time.monotonic()
+        os.kill(old[0], signal.SIGKILL)
+        deadline = t_kill[0] + 45
+        while not any(status == 200 and sent > t_kill[0] for sent, _, status in log):
+            assert time.monotonic() < deadline, f"no 200 within 45 s of the kill: {log[-5:]}"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(90)
+    recovered = min(done for sent, done, status in log if status == 200 and sent > t_kill[0]) - t_kill[0]
+    errors = sorted({status for _, _, status in log if status != 200}, key=str)
+    print(f"worker killed mid-burst: {len(log)} requests, errors {errors}, first 200 after {recovered:.2f} s")
+    assert all(isinstance(status, int) for _, _, status in log), errors  # an HTTP answer for every request
+    assert recovered < 30.0
+    new = _worker_pids(server)
+    assert len(new) == 1 and new != old
+    assert server.model_status(MODEL) == "READY"
+    assert server.predict(MODEL, bodies[0])[0] == 200
 
 
 class _BareTorchServe(TorchServeServer):
