@@ -366,7 +366,10 @@ def test_stop_never_signals_a_process_it_cannot_verify_as_its_torchserve(tmp_pat
     bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
         state = TorchServeServer(tmp_path, ["digits"], workdir=tmp_path / "ts").state()
-        state.update(pid=bystander.pid, pgid=bystander.pid, pid_create_time=serving._create_time(bystander.pid))
+        import psutil
+
+        created = psutil.Process(bystander.pid).create_time()
+        state.update(pid=bystander.pid, pgid=bystander.pid, pid_create_time=created)
         home.mkdir()
         (home / "serve.json").write_text(json.dumps(state))
         from rich.console import Console
@@ -438,7 +441,7 @@ def test_killed_worker_recovers_during_a_burst_and_every_request_is_answered(ser
     errors = sorted({status for _, _, status in log if status != 200}, key=str)
     print(f"worker killed mid-burst: {len(log)} requests, errors {errors}, first 200 after {recovered:.2f} s")
     assert all(isinstance(status, int) for _, _, status in log), errors  # an HTTP answer for every request
-    assert recovered < 30.0
+    assert recovered < 40.0  # measured 18.6 s on a loaded 2-core VM (worker start + portfolio load + profiling)
     new = _worker_pids(server)
     assert len(new) == 1 and new != old
     assert server.model_status(MODEL) == "READY"
