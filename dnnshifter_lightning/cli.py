@@ -4,7 +4,7 @@
     dnnshifter portfolio build CKPT_DIR --model package.module:Class --out DIR [--datamodule package.module:Class]
     dnnshifter portfolio show DIR
     dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE
-    dnnshifter serve STORE --model NAME [--no-auth]
+    dnnshifter serve STORE --model NAME [--no-auth] [--enable-model-api]
     dnnshifter serve --stop
 """
 
@@ -46,7 +46,8 @@ def demo(
     serve: bool = typer.Option(True, "--serve/--no-serve", help="End by serving the portfolio with TorchServe."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete OUT first if it exists."),
 ) -> None:
-    """Train with IMP on real digits, build the portfolio, then serve and switch it with TorchServe."""
+    """Train with IMP on real digits, build the portfolio, then serve and switch it with TorchServe
+    (on 127.0.0.1 with token auth off, which the demo says; `dnnshifter serve` keeps it on)."""
     from .demo import run_demo
 
     try:
@@ -105,6 +106,9 @@ def serve(
     store: Optional[Path] = typer.Argument(None, help="Model store holding NAME.mar."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name (NAME of NAME.mar)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Disable token authorization (local demos only)."),
+    enable_model_api: bool = typer.Option(
+        False, "--enable-model-api",
+        help="Let the management API register models (a .mar is code); only .mar files inside STORE."),
     stop: bool = typer.Option(False, "--stop", help="Stop the server started by `dnnshifter serve`."),
     inference_port: Optional[int] = typer.Option(None, help="Default: a free port on 127.0.0.1."),
     management_port: Optional[int] = typer.Option(None),
@@ -120,7 +124,7 @@ def serve(
         if store is None or model is None:
             raise ValueError("give the model store and --model NAME (or --stop)")
         serve_command(store, model, inference_port=inference_port, management_port=management_port,
-                      metrics_port=metrics_port, no_auth=no_auth)
+                      metrics_port=metrics_port, no_auth=no_auth, enable_model_api=enable_model_api)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
 
