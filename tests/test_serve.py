@@ -441,7 +441,7 @@ def test_killed_worker_recovers_during_a_burst_and_every_request_is_answered(ser
     errors = sorted({status for _, _, status in log if status != 200}, key=str)
     print(f"worker killed mid-burst: {len(log)} requests, errors {errors}, first 200 after {recovered:.2f} s")
     assert all(isinstance(status, int) for _, _, status in log), errors  # an HTTP answer for every request
-    assert recovered < 40.0  # measured 18.6 s on a loaded 2-core VM (worker start + portfolio load + profiling)
+    assert recovered < 40.0  # measured 12.3 and 18.6 s on a loaded 2-core VM (worker start, portfolio load, profiling)
     new = _worker_pids(server)
     assert len(new) == 1 and new != old
     assert server.model_status(MODEL) == "READY"
