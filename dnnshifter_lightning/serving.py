@@ -296,7 +296,8 @@ class TorchServeServer:
     ``wait_ready(timeout)``, ``predict(model, body, headers=None, version=None)``,
     ``management(method, path, body=None)``, ``model_status(model)``, ``log_text()``, ``ports``,
     ``inference_url``/``management_url``/``metrics_url``, ``inference_headers()``,
-    ``management_headers()``, ``key_file``, ``workdir``.
+    ``management_headers()``, ``key_file``, ``workdir``, ``allowed_urls()``, ``state()``,
+    ``attach(state)``, ``verify_ours(state)``.
 
     Doctest (the server is configured but not started here)::
 

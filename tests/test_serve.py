@@ -339,7 +339,9 @@ def test_serve_command_starts_with_auth_and_stop_command_stops(store, tmp_path, 
         assert status == 200 and "variant" in json.loads(body)
         # by default the management API registers nothing, not even an archive from the store
         mgmt = {"Authorization": f"Bearer {keys['management']['key']}"}
-        for url in (f"{MODEL}.mar", f"file://{store.resolve()}/{MODEL}.mar"):
+        elsewhere = tmp_path / "elsewhere.mar"
+        shutil.copy(store / f"{MODEL}.mar", elsewhere)
+        for url in (f"{MODEL}.mar", f"file://{store.resolve()}/{MODEL}.mar", f"file://{elsewhere}"):
             status, body = serving._http("POST", ports["management_port"], f"/models?url={url}&model_name=again",
                                          headers=mgmt)
             assert status == 405, (url, status, body[:300])
