@@ -12,10 +12,8 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
