@@ -83,7 +83,8 @@ def measure_versions(portfolio: Path, manifest: dict[str, Any], rounds: int = 2)
         mars = {v["id"]: (_archive(v, portfolio, manifest, f"{i + 1}.0", store, work), f"{i + 1}.0")
                 for i, v in enumerate(variants)}
         first = variants[0]["id"]
-        server = TorchServeServer(store, {MODEL: mars[first][0]}, workdir=work / "ts")
+        # registering versions is what this contender measures, so it opts in to the model API
+        server = TorchServeServer(store, {MODEL: mars[first][0]}, workdir=work / "ts", enable_model_api=True)
         times: dict[str, list[float]] = {v["id"]: [] for v in variants}
         unregister: list[float] = []
         rss: dict[str, int] = {}
