@@ -226,11 +226,12 @@ def _read_regular(path: Path, root: str | os.PathLike[str] | None, max_bytes: in
     fd, size = _open_regular(path, root, max_bytes, what)
     try:
         with os.fdopen(fd, "rb", closefd=True) as f:
-            data = f.read(max_bytes + 1)
+            data = f.read(size)  # fstat's size (at most max_bytes), so the buffer is never larger
+            grew = f.read(1)
     except OSError as exc:
         raise PortfolioError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
-    if len(data) > max_bytes:  # grew while we read it
-        raise PortfolioError(f"{path}: {what} is more than the cap of {max_bytes} bytes")
+    if len(data) != size or grew:
+        raise PortfolioError(f"{path}: {what} changed size while it was read")
     return data
 
 
