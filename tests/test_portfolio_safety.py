@@ -274,9 +274,13 @@ def test_frame_claiming_a_terabyte_is_refused_before_allocating(tmp_path: Path) 
         pf.load_variant(path)
 
 
-def test_decompression_bomb_stops_at_bytes_raw(tmp_path: Path, good) -> None:
+@pytest.mark.parametrize("declared", [True, False])
+def test_decompression_bomb_stops_at_bytes_raw(tmp_path: Path, good, declared: bool) -> None:
+    """16 KB that inflate to 512 MiB: refused from the frame header when it declares its size, and
+    by stopping the stream at bytes_raw when it does not; memory stays bounded either way."""
     raw = _raw(*good)
-    cobj = zstandard.ZstdCompressor(level=3, write_content_size=False).compressobj()
+    size = len(raw) + (512 << 20) if declared else -1
+    cobj = zstandard.ZstdCompressor(level=3, write_content_size=declared).compressobj(size=size)
     parts = [cobj.compress(raw)]
     zeros = bytes(1 << 20)
     for _ in range(512):  # + 512 MiB of zeros: ~16 KB on disk
