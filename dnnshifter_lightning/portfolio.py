@@ -266,7 +266,21 @@ def _inflate(data: bytes, name: str, bytes_raw: int | None) -> bytes:
 
 def load_json(text: str | bytes, name: str) -> Any:
     """``json.loads`` for untrusted files: NaN, Infinity, numbers that overflow to infinity, deep
-    nesting and huge integers are a :class:`PortfolioError` naming ``name``."""
+    nesting and huge integers are a :class:`PortfolioError` naming ``name``.
+
+    Example::
+
+        >>> load_json('{"accuracy": 0.9}', "m.json")
+        {'accuracy': 0.9}
+        >>> load_json('{"accuracy": NaN}', "m.json")
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.portfolio.PortfolioError: m.json: not valid JSON (NaN is not allowed)
+        >>> load_json("[" * 100_000, "m.json")
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.portfolio.PortfolioError: m.json: not valid JSON (nested too deeply)
+    """
     def finite(s: str) -> float:
         v = float(s)
         if not math.isfinite(v):
@@ -676,6 +690,21 @@ def validate_manifest(manifest: Any, directory: str | os.PathLike[str] = ".") ->
     latency), sizes are under :data:`MAX_VARIANT_BYTES`, ``input_spec.dtype`` is one of
     :data:`INPUT_DTYPES`, ``mean``/``std`` have one value per channel, file names are relative paths
     inside the portfolio without NUL bytes.
+
+    Example::
+
+        >>> v = {"id": "a", "level": 0, "sparsity": 0.0, "params": 8, "nonzero_params": 8, "macs": 6,
+        ...      "file": "variants/a.safetensors.zst", "bytes_raw": 100, "bytes_compressed": 90,
+        ...      "sha256": "0" * 64, "latency_ms": {"1": 0.1, "8": 0.2}, "accuracy": 0.9,
+        ...      "sparse_accuracy": None, "max_abs_diff": None}
+        >>> m = {"format_version": FORMAT_VERSION, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
+        ...      "variants": [v]}
+        >>> validate_manifest(m) is m
+        True
+        >>> validate_manifest({**m, "variants": [{**v, "accuracy": float("nan")}]})
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.portfolio.PortfolioError: manifest.json: variant 'a': accuracy must be null or a finite number in [0, 1], got float nan
     """
     d = Path(directory)
     if not isinstance(manifest, dict):

@@ -17,7 +17,7 @@ import pytest
 MODULES = [
     "dnnshifter_lightning",
     *(f"dnnshifter_lightning.{name}" for name in (
-        "masks", "imp", "structured", "portfolio", "profile", "builder", "runtime", "policy", "serving", "loadgen",
+        "masks", "imp", "structured", "portfolio", "graph", "profile", "builder", "runtime", "policy", "serving", "loadgen",
         "digits", "models", "plot", "demo",
     )),
 ]
