@@ -93,7 +93,7 @@ def file_bytes(module: nn.Module, example: torch.Tensor, method: str) -> tuple[i
     if method == "save_variant":
         from dnnshifter_lightning.portfolio import save_variant
         with tempfile.TemporaryDirectory() as tmp:
-            info = save_variant(module, example, Path(tmp) / "v.pt2.zst")
+            info = save_variant(module, example, Path(tmp) / "v.safetensors.zst")
         return info["bytes_raw"], info["bytes_compressed"]
     raw = b"".join(t.detach().contiguous().numpy().tobytes() for t in module.state_dict().values())
     return len(raw), len(zstandard.ZstdCompressor(level=3).compress(raw))

@@ -65,7 +65,7 @@ def quick_portfolio(out: Path, widths=(128, 32, 8), epochs: int = 4) -> Path:
                 opt.step()
         model.eval()
         example = next(iter(dm.val_dataloader()))[0][:8]
-        rel = f"variants/w{width}.pt2.zst"
+        rel = f"variants/w{width}.safetensors.zst"
         info = save_variant(model, example[:2], out / rel)
         n = count_params(model)
         variants.append({
@@ -74,7 +74,7 @@ def quick_portfolio(out: Path, widths=(128, 32, 8), epochs: int = 4) -> Path:
             "macs": count_macs(model, example[:1]), "latency_ms": {str(b): measure_latency_ms(model, example[:b]) for b in (1, 8)},
             "accuracy": measure_accuracy(model, dm.val_dataloader(), 10), "sparse_accuracy": None, "max_abs_diff": 0.0,
         })
-    write_manifest(out, {"format_version": 1, "input_spec": dict(DIGITS_INPUT_SPEC), "variants": sort_variants(variants)})
+    write_manifest(out, {"format_version": 2, "input_spec": dict(DIGITS_INPUT_SPEC), "variants": sort_variants(variants)})
     return out
 
 

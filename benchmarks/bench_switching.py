@@ -84,13 +84,13 @@ def build_portfolio(out: Path, width: int) -> dict[str, Any]:
             print(f"[warn] structural pruning of level {level} failed ({exc}); keeping the sparse model")
             structural.append(False)
         vid = f"level_{level:02d}"
-        info = save_variant(model, example, out / f"{vid}.pt2.zst")
+        info = save_variant(model, example, out / f"{vid}.safetensors.zst")
         params = sum(p.numel() for p in model.parameters())
         nonzero = sum(int((p != 0).sum()) for p in model.parameters())
         variants.append({"id": vid, "level": level, "sparsity": sparsity, "params": params, "nonzero_params": nonzero,
                          "macs": 0, "latency_ms": {"1": 1.0, "8": 1.0}, "accuracy": None, "sparse_accuracy": None,
                          "max_abs_diff": None, **info})
-    write_manifest(out, {"format_version": 1, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
+    write_manifest(out, {"format_version": 2, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
                          "variants": variants})
     return {"source": "built by bench_switching.py", "model": f"DigitsCNN(width={width}), random weights",
             "sparsities": list(SPARSITIES), "structurally_pruned": structural}

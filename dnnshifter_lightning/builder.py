@@ -20,7 +20,7 @@ Example::
     imp = IterativeMagnitudePruning(levels=3, epochs_per_level=2, checkpoint_dir="imp_ckpts")
     trainer = L.Trainer(max_epochs=imp.total_epochs, callbacks=[imp, PortfolioBuilder(out_dir="portfolio")])
     trainer.fit(DigitsClassifier(width=16), datamodule=DigitsDataModule())
-    # portfolio/manifest.json, portfolio/variants/level_00.pt2.zst ..., portfolio/portfolio.png
+    # portfolio/manifest.json, portfolio/variants/level_00.safetensors.zst ..., portfolio/portfolio.png
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from torch import nn
 from . import __version__
 from .checkpoints import load_checkpoint, load_module_checkpoint
 from .portfolio import (
-    MANIFEST_NAME, VARIANT_SUFFIX, ZSTD_LEVEL, load_variant, save_variant, sort_variants,
+    FORMAT_VERSION, MANIFEST_NAME, VARIANT_SUFFIX, ZSTD_LEVEL, load_variant, save_variant, sort_variants,
     verify_portfolio, write_manifest,
 )
 from .profile import count_macs, count_nonzero, count_params, measure_accuracy, measure_latency_ms, state_bytes
@@ -169,7 +169,7 @@ def build_portfolio(
         level_00 4782 -> 4726 True
         level_01 4782 -> 4634 True
         >>> sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-        ['manifest.json', 'variants', 'variants/level_00.pt2.zst', 'variants/level_01.pt2.zst']
+        ['manifest.json', 'variants', 'variants/level_00.safetensors.zst', 'variants/level_01.safetensors.zst']
     """
     console = console or Console(width=None if Console().is_terminal else 160)
     out = Path(out_dir)
@@ -199,7 +199,7 @@ def build_portfolio(
     finally:
         torch.set_num_threads(threads)
     manifest = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "input_spec": spec,
         "variants": sort_variants(variants),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -448,8 +448,8 @@ def portfolio_show_command(dir: Path) -> dict[str, Any]:  # noqa: A002 - the CLI
         >>> from pathlib import Path
         >>> from dnnshifter_lightning.portfolio import save_variant, write_manifest
         >>> d = Path(tempfile.mkdtemp())
-        >>> info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), d / "v0.pt2.zst")
-        >>> _ = write_manifest(d, {"format_version": 1, "input_spec": {"shape": [3], "dtype": "float32"},
+        >>> info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), d / "v0.safetensors.zst")
+        >>> _ = write_manifest(d, {"format_version": FORMAT_VERSION, "input_spec": {"shape": [3], "dtype": "float32"},
         ...     "variants": [{"id": "v0", "level": 0, "sparsity": 0.0, "params": 8, "nonzero_params": 8,
         ...                   "macs": 6, "latency_ms": {"1": 0.01, "8": 0.02}, "accuracy": None,
         ...                   "sparse_accuracy": None, "max_abs_diff": None, **info}]})

@@ -1,13 +1,24 @@
 """The portfolio format: a directory with ``manifest.json`` and one zstd-compressed file per variant.
 
-Each variant is a ``torch.export`` program (the ``.pt2`` archive of :func:`torch.export.save`)
-compressed with zstandard, so it loads **without the user's Python class**. The batch dimension is
-exported as dynamic (``Dim("batch", min=1)``), so a loaded variant accepts any batch size >= 1.
+A portfolio is data anyone may send you: loading one never runs code from its files, and every
+resource it takes is bounded. Each variant file (``variants/level_00.safetensors.zst``) is a zstd
+frame holding one **safetensors** file: the weights are its tensors, and the computation is a JSON
+graph (see :mod:`~dnnshifter_lightning.graph`) in its ``__metadata__``, interpreted against an
+allow-list of ATen operators. It loads **without the user's Python class**, and with a dynamic batch
+dimension (any batch size >= 1). No pickle, ``eval``, ``exec``, sympy or torch.export loader runs on
+the load path.
 
-Loading never unpickles arbitrary objects. Before :func:`torch.export.load` sees an archive, it is
-checked to hold only the graph (JSON), raw weight bytes and tensor-only sample inputs: no pickled
-tensor subclasses, no custom or opaque objects, no compiled (AOTI) libraries. Anything else is a
-:class:`PortfolioError` naming the file.
+What loading checks (every failure is a :class:`PortfolioError` naming the file):
+
+* only regular files inside the portfolio directory are read: no symlinked files, no paths that
+  resolve outside it, no devices or FIFOs; the manifest is at most :data:`MAX_MANIFEST_BYTES`;
+* :func:`validate_manifest` checks every field's type and range (finite numbers, known dtypes,
+  normalisation lengths that match the channels, sizes under :data:`MAX_VARIANT_BYTES`);
+* a variant file's size and sha256 match the manifest, and it inflates to exactly the manifest's
+  ``bytes_raw``: decompression stops there, whatever the frame header claims;
+* the safetensors header (dtypes, shapes, offsets) and the graph (operators, argument types,
+  references, sizes) are validated before any tensor is materialised, and the graph is dry-run on
+  ``meta`` tensors, bounding its activations.
 
 Every write is atomic: a temp file in the same directory, then :func:`os.replace`. The builder writes
 the manifest last, so a crash mid-build never leaves a manifest pointing at missing files.
@@ -23,48 +34,66 @@ Example::
     >>> from dnnshifter_lightning.models import DigitsCNN
     >>> from dnnshifter_lightning.portfolio import save_variant, load_variant
     >>> d = Path(tempfile.mkdtemp())
-    >>> info = save_variant(DigitsCNN(width=8).eval(), torch.zeros(2, 1, 8, 8), d / "v.pt2.zst")
-    >>> load_variant(d / "v.pt2.zst", sha256=info["sha256"])(torch.zeros(5, 1, 8, 8)).shape
+    >>> info = save_variant(DigitsCNN(width=8).eval(), torch.zeros(2, 1, 8, 8), d / "v.safetensors.zst")
+    >>> load_variant(d / "v.safetensors.zst", sha256=info["sha256"])(torch.zeros(5, 1, 8, 8)).shape
     torch.Size([5, 10])
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
-import io
 import json
 import math
 import os
 import re
+import stat
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import safetensors.torch
 import torch
 import zstandard
 from torch import nn
 
+from . import graph as _graph
+from .graph import GraphError
+
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "VARIANT_SUFFIX", "PortfolioError",
     "save_variant", "load_variant", "write_manifest", "read_manifest", "verify_portfolio",
-    "sort_variants", "variant_state", "release_state", "assign_state", "pack_state", "unpack_state",
-    "atomic_write_bytes", "pareto_front",
+    "validate_manifest", "sort_variants", "variant_state", "release_state", "assign_state",
+    "pack_state", "unpack_state", "atomic_write_bytes", "pareto_front", "load_json",
+    "MAX_MANIFEST_BYTES", "MAX_VARIANT_BYTES", "MAX_HEADER_BYTES", "INPUT_DTYPES",
 ]
 
-FORMAT_VERSION = 1
+#: 2: safetensors + JSON graph. 1 (torch.export ``.pt2`` archives) is refused: loading one can run code.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-VARIANT_SUFFIX = ".pt2.zst"
+VARIANT_SUFFIX = ".safetensors.zst"
+VARIANT_FORMAT = "dnnshifter-variant"
 ZSTD_LEVEL = 3  # decompression speed is nearly level-independent; higher levels mostly cost build time
-
-_VARIANT_FIELDS: dict[str, tuple[type, ...]] = {
-    "id": (str,), "level": (int,), "sparsity": (int, float), "params": (int,), "nonzero_params": (int,),
-    "file": (str,), "bytes_raw": (int,), "bytes_compressed": (int,), "sha256": (str,), "macs": (int,),
-    "latency_ms": (dict,), "accuracy": (int, float, type(None)), "sparse_accuracy": (int, float, type(None)),
-    "max_abs_diff": (int, float, type(None)),
+#: Caps on what a portfolio may declare or hold. A variant file, compressed or inflated, is at most
+#: 4 GiB (ResNet-50 is ~100 MB); a manifest at most 16 MiB; a safetensors header (tensor table +
+#: graph) at most 64 MiB.
+MAX_VARIANT_BYTES = 4 << 30
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_HEADER_BYTES = 64 << 20
+REBUILD_HINT = ("rebuild the portfolio from its level checkpoints with `dnnshifter portfolio build CKPT_DIR "
+                "--model package.module:Class --out DIR` (or train again with the PortfolioBuilder callback)")
+#: ``input_spec.dtype`` values a manifest may name.
+INPUT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "uint8": torch.uint8, "int64": torch.int64, "int32": torch.int32,
 }
+_COLORS = {"L": 1, "RGB": 3, "RGBA": 4}
+_MAX_ID_CHARS = 128
+_MAX_PATH_CHARS = 1024
+_MAX_INT = 2**62
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 class PortfolioError(ValueError):
@@ -74,12 +103,12 @@ class PortfolioError(ValueError):
 
         >>> import tempfile
         >>> from pathlib import Path
-        >>> path = Path(tempfile.mkdtemp()) / "broken.pt2.zst"
+        >>> path = Path(tempfile.mkdtemp()) / "broken.safetensors.zst"
         >>> _ = path.write_bytes(b"not a variant")
         >>> load_variant(path)
         Traceback (most recent call last):
             ...
-        dnnshifter_lightning.portfolio.PortfolioError: .../broken.pt2.zst: corrupt or truncated zstd data (...)
+        dnnshifter_lightning.portfolio.PortfolioError: .../broken.safetensors.zst: corrupt or truncated zstd data (...)
         >>> issubclass(PortfolioError, ValueError)
         True
     """
@@ -119,40 +148,42 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def export_variant(module: nn.Module, example_input: torch.Tensor) -> torch.export.ExportedProgram:
     """Export ``module`` (put in eval mode) with a dynamic batch dimension (min 1).
 
-    Use an example batch of 2 or more: export specialises sizes 0 and 1.
+    Use an example batch of 2 or more: export specialises sizes 0 and 1. Only the save side uses
+    torch.export; loading never does.
     """
-    if example_input.dim() == 0:
-        raise PortfolioError("example_input needs a batch dimension")
-    if example_input.shape[0] < 2:
-        example_input = example_input[:1].repeat(2, *([1] * (example_input.dim() - 1)))
-    module = module.eval()
-    batch = torch.export.Dim("batch", min=1)
     try:
-        with torch.no_grad():
-            return torch.export.export(module, (example_input,), dynamic_shapes=({0: batch},), strict=False)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the reason
-        raise PortfolioError(f"cannot export {type(module).__name__} with a dynamic batch dimension: {exc}") from exc
+        return _graph._export(module, example_input)
+    except GraphError as exc:
+        raise PortfolioError(str(exc)) from exc
 
 
 def save_variant(module: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Export ``module`` and write it zstd-compressed to ``path`` atomically.
+    """Write ``module`` as a data-only variant file (zstd of a safetensors file) to ``path`` atomically.
 
-    Returns ``{"file": path.name, "bytes_raw", "bytes_compressed", "sha256"}`` (sha256 of the
-    compressed file as stored). The builder rewrites ``file`` relative to the portfolio directory.
+    The weights are the safetensors tensors; the computation is the JSON graph of
+    :mod:`~dnnshifter_lightning.graph` (exported with a dynamic batch dimension, then checked to
+    reproduce the module's output) in the safetensors header's ``__metadata__``. Returns
+    ``{"file": path.name, "bytes_raw", "bytes_compressed", "sha256"}`` (sha256 of the compressed file
+    as stored). The builder rewrites ``file`` relative to the portfolio directory.
 
     Example::
 
         >>> import tempfile, torch
         >>> from pathlib import Path
         >>> from dnnshifter_lightning.portfolio import save_variant
-        >>> p = Path(tempfile.mkdtemp()) / "tiny.pt2.zst"
+        >>> p = Path(tempfile.mkdtemp()) / f"tiny{VARIANT_SUFFIX}"
         >>> sorted(save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), p))
         ['bytes_compressed', 'bytes_raw', 'file', 'sha256']
     """
-    program = export_variant(module, example_input)
-    buf = io.BytesIO()
-    torch.export.save(program, buf)
-    raw = buf.getvalue()
+    try:
+        graph, tensors = _graph.graph_from_module(module, example_input)
+    except GraphError as exc:
+        raise PortfolioError(f"{path}: cannot save {type(module).__name__}: {exc}") from exc
+    metadata = {"format": VARIANT_FORMAT, "format_version": str(FORMAT_VERSION),
+                "graph": json.dumps(graph, separators=(",", ":"), allow_nan=False)}
+    raw = safetensors.torch.save(tensors, metadata=metadata)
+    if len(raw) > MAX_VARIANT_BYTES:
+        raise PortfolioError(f"{path}: the variant is {len(raw)} bytes, more than MAX_VARIANT_BYTES={MAX_VARIANT_BYTES}")
     data = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=True).compress(raw)
     atomic_write_bytes(path, data)
     return {"file": Path(path).name, "bytes_raw": len(raw), "bytes_compressed": len(data),
@@ -161,100 +192,219 @@ def save_variant(module: nn.Module, example_input: torch.Tensor, path: str | os.
 
 # ----------------------------------------------------------------------------------------- loading
 
-# The pt2 archive entries a plain exported nn.Module produces. Anything else (pickled tensor
-# subclasses, torchbind/opaque objects, AOTInductor shared libraries, extra files) is refused.
-_SAFE_ENTRY = re.compile(
-    r"^[^/]+/(archive_format|archive_version|byteorder|version|\.data/version|\.data/serialization_id"
-    r"|models/model\.json|data/weights/model_weights_config\.json|data/weights/weight_\d+"
-    r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+|data/sample_inputs/model\.pt)$"
-)
-
-
-def _check_archive_is_data_only(raw: bytes, name: str) -> None:
+def _open_regular(path: Path, root: str | os.PathLike[str] | None, max_bytes: int, what: str) -> tuple[int, int]:
+    """Open ``path`` for reading if it is a regular file (inside ``root`` when given) of at most
+    ``max_bytes``; returns ``(fd, size)``. Symlinks as the last component, devices, FIFOs and
+    sockets are refused without blocking, and so is a path that resolves outside ``root``."""
+    text = os.fspath(path)
+    if "\x00" in text:
+        raise PortfolioError(f"{text!r}: file name contains a NUL byte")
+    if root is not None:
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(text)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise PortfolioError(f"{path}: {what} resolves to {real}, outside the portfolio directory {real_root}")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        archive = zipfile.ZipFile(io.BytesIO(raw))
-        names = archive.namelist()
-        bad = [n for n in names if not n.endswith("/") and not _SAFE_ENTRY.match(n)]
-        if bad:
-            raise PortfolioError(f"{name}: refusing to load, unexpected archive entries {bad[:5]}")
-        for n in names:
-            if n.endswith(("model_weights_config.json", "model_constants_config.json")):
-                config = json.loads(archive.read(n)).get("config", {})
-                pickled = [k for k, meta in config.items() if meta.get("use_pickle", True)]
-                if pickled:
-                    raise PortfolioError(f"{name}: refusing to load, pickled entries {pickled[:5]}")
-            elif n.endswith("sample_inputs/model.pt") and archive.getinfo(n).file_size:
-                torch.load(io.BytesIO(archive.read(n)), weights_only=True)  # tensors and containers only
-    except PortfolioError:
+        fd = os.open(text, flags)
+    except OSError as exc:
+        why = "is a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+        raise PortfolioError(f"{path}: cannot read {what} ({why})") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PortfolioError(f"{path}: {what} is not a regular file")
+        if st.st_size > max_bytes:
+            raise PortfolioError(f"{path}: {what} is {st.st_size} bytes, more than the cap of {max_bytes}")
+    except BaseException:
+        os.close(fd)
         raise
-    except Exception as exc:  # noqa: BLE001 - corrupt zip, bad json, non-tensor sample inputs
-        raise PortfolioError(f"{name}: not a valid variant archive ({exc})") from exc
+    return fd, st.st_size
 
 
-def load_variant(path: str | os.PathLike[str], sha256: str | None = None) -> nn.Module:
+def _read_regular(path: Path, root: str | os.PathLike[str] | None, max_bytes: int, what: str) -> bytes:
+    fd, size = _open_regular(path, root, max_bytes, what)
+    try:
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            data = f.read(size)  # fstat's size (at most max_bytes), so the buffer is never larger
+            grew = f.read(1)
+    except OSError as exc:
+        raise PortfolioError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
+    if len(data) != size or grew:
+        raise PortfolioError(f"{path}: {what} changed size while it was read")
+    return data
+
+
+def _inflate(data: bytes, name: str, bytes_raw: int | None) -> bytes:
+    """zstd-decompress ``data``, stopping at ``bytes_raw`` (or :data:`MAX_VARIANT_BYTES`)."""
+    limit = MAX_VARIANT_BYTES if bytes_raw is None else bytes_raw
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise PortfolioError(f"{name}: corrupt or truncated zstd data ({exc})") from exc
+    if declared > limit:
+        raise PortfolioError(f"{name}: zstd frame claims {declared} bytes, more than the "
+                             f"{'manifest' + chr(39) + 's bytes_raw' if bytes_raw is not None else 'cap'} of {limit}")
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as reader:
+            while True:
+                chunk = reader.read(min(1 << 22, limit + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+                if len(out) > limit:
+                    raise PortfolioError(f"{name}: inflates to more than "
+                                         f"{'the manifest' + chr(39) + 's bytes_raw' if bytes_raw is not None else 'the cap'} "
+                                         f"of {limit} bytes")
+    except zstandard.ZstdError as exc:
+        raise PortfolioError(f"{name}: corrupt or truncated zstd data ({exc})") from exc
+    if bytes_raw is not None and len(out) != bytes_raw:
+        raise PortfolioError(f"{name}: inflates to {len(out)} bytes, the manifest says bytes_raw={bytes_raw}")
+    return bytes(out)
+
+
+def load_json(text: str | bytes, name: str) -> Any:
+    """``json.loads`` for untrusted files: NaN, Infinity, numbers that overflow to infinity, deep
+    nesting and huge integers are a :class:`PortfolioError` naming ``name``.
+
+    Example::
+
+        >>> load_json('{"accuracy": 0.9}', "m.json")
+        {'accuracy': 0.9}
+        >>> load_json('{"accuracy": NaN}', "m.json")
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.portfolio.PortfolioError: m.json: not valid JSON (NaN is not allowed)
+        >>> load_json("[" * 100_000, "m.json")
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.portfolio.PortfolioError: m.json: not valid JSON (nested too deeply)
+    """
+    def finite(s: str) -> float:
+        v = float(s)
+        if not math.isfinite(v):
+            raise ValueError(f"number {s[:20]} is not finite")
+        return v
+
+    def constant(s: str) -> Any:
+        raise ValueError(f"{s} is not allowed")
+
+    try:
+        return json.loads(text, parse_float=finite, parse_constant=constant)
+    except RecursionError as exc:
+        raise PortfolioError(f"{name}: not valid JSON (nested too deeply)") from exc
+    except (ValueError, TypeError) as exc:  # JSONDecodeError, bad UTF-8, int digits limit, NaN
+        raise PortfolioError(f"{name}: not valid JSON ({str(exc)[:200]})") from exc
+
+
+def _parse_header(raw: bytes, name: str) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """Check a safetensors file's header ourselves (before the library reads the data): sizes,
+    offsets, dtypes, shapes. Returns its ``__metadata__`` and each tensor's dtype and shape."""
+    if raw[:4] == b"PK\x03\x04":
+        raise PortfolioError(f"{name}: a format-1 variant (a torch.export archive), which is no longer loaded "
+                             f"because loading it can run code; {REBUILD_HINT}")
+    if len(raw) < 8:
+        raise PortfolioError(f"{name}: not a variant file (too short for a safetensors header)")
+    n = int.from_bytes(raw[:8], "little")
+    if n < 2 or n > min(len(raw) - 8, MAX_HEADER_BYTES):
+        raise PortfolioError(f"{name}: safetensors header claims {n} bytes; the file has {len(raw) - 8} after the "
+                             f"length, and the cap is {MAX_HEADER_BYTES}")
+    header = load_json(raw[8:8 + n], f"{name} (safetensors header)")
+    if not isinstance(header, dict):
+        raise PortfolioError(f"{name}: safetensors header is not an object")
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise PortfolioError(f"{name}: not a dnnshifter variant (no string __metadata__ in the safetensors header)")
+    if metadata.get("format") != VARIANT_FORMAT or metadata.get("format_version") != str(FORMAT_VERSION):
+        raise PortfolioError(f"{name}: not a format-{FORMAT_VERSION} dnnshifter variant "
+                             f"(format {metadata.get('format')!r}, version {metadata.get('format_version')!r}); "
+                             f"{REBUILD_HINT}")
+    data_len = len(raw) - 8 - n
+    infos, spans = {}, []
+    for key, t in header.items():
+        where = f"{name}: tensor {key[:100]!r}"
+        if not isinstance(t, dict) or set(t) != {"dtype", "shape", "data_offsets"}:
+            raise PortfolioError(f"{where}: header entry must have exactly dtype, shape, data_offsets")
+        dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+        if dtype not in _graph.DTYPES:
+            raise PortfolioError(f"{where}: unknown dtype {str(dtype)[:20]!r} (known: {sorted(_graph.DTYPES)})")
+        if not (isinstance(shape, list) and len(shape) <= _graph.MAX_RANK
+                and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_VARIANT_BYTES for s in shape)):
+            raise PortfolioError(f"{where}: shape must be a list of at most {_graph.MAX_RANK} non-negative ints")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise PortfolioError(f"{where}: data_offsets must be [begin, end] within the {data_len} data bytes")
+        torch_dtype = _graph.DTYPES[dtype]
+        nbytes = math.prod(shape) * torch_dtype.itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise PortfolioError(f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes, "
+                                 f"its shape and dtype need {nbytes}")
+        infos[key] = (torch_dtype, tuple(shape))
+        spans.append(tuple(offsets))
+    pos = 0
+    for begin, end in sorted(spans):
+        if begin != pos:
+            raise PortfolioError(f"{name}: tensor data overlaps or leaves gaps (at byte {begin}, expected {pos})")
+        pos = end
+    if pos != data_len:
+        raise PortfolioError(f"{name}: {data_len - pos} bytes after the last tensor")
+    return metadata, infos
+
+
+def load_variant(path: str | os.PathLike[str], sha256: str | None = None, *, bytes_raw: int | None = None,
+                 root: str | os.PathLike[str] | None = None) -> nn.Module:
     """Load a variant written by :func:`save_variant` as an ``nn.Module`` in eval mode.
 
-    It needs no user class: the module is a ``torch.fx.GraphModule`` rebuilt from the exported graph.
-    It accepts any batch size >= 1 and checks the other input dimensions. When ``sha256`` is given,
-    the file's digest must match. Every failure is a :class:`PortfolioError` naming the file.
+    It needs no user class: the module is a :class:`~dnnshifter_lightning.graph.GraphVariant`, an
+    interpreter of the file's JSON graph over an operator allow-list; nothing in the file is
+    executed as code. It accepts any batch size >= 1 and checks the other input dimensions.
+
+    Checks: the file is a regular file (inside ``root``, the portfolio directory, when given) of at
+    most :data:`MAX_VARIANT_BYTES`; its sha256 matches ``sha256`` when given; it inflates to exactly
+    ``bytes_raw`` bytes when given (never more: decompression stops there); the safetensors header,
+    the graph, its operators, arguments and tensors are validated; a dry run on ``meta`` tensors
+    proves the shapes agree. Every failure is a :class:`PortfolioError` naming the file.
 
     Example::
 
         >>> import tempfile, torch
         >>> from pathlib import Path
         >>> from dnnshifter_lightning.portfolio import save_variant, load_variant
-        >>> p = Path(tempfile.mkdtemp()) / "tiny.pt2.zst"
+        >>> p = Path(tempfile.mkdtemp()) / f"tiny{VARIANT_SUFFIX}"
         >>> _ = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), p)
         >>> load_variant(p)(torch.zeros(1, 3)).shape
         torch.Size([1, 2])
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PortfolioError(f"{path}: cannot read variant file ({exc})") from exc
-    return load_variant_bytes(data, name=str(path), sha256=sha256)
+    data = _read_regular(path, root, MAX_VARIANT_BYTES, "variant file")
+    return load_variant_bytes(data, name=str(path), sha256=sha256, bytes_raw=bytes_raw)
 
 
-def load_variant_bytes(data: bytes, *, name: str = "<bytes>", sha256: str | None = None) -> nn.Module:
+def load_variant_bytes(data: bytes, *, name: str = "<bytes>", sha256: str | None = None,
+                       bytes_raw: int | None = None) -> nn.Module:
     """:func:`load_variant` from the compressed bytes of a variant file; ``name`` is used in errors."""
     if sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
             raise PortfolioError(f"{name}: sha256 mismatch (expected {sha256}, file has {digest})")
+    raw = _inflate(data, name, bytes_raw)
+    metadata, infos = _parse_header(raw, name)
+    graph = load_json(metadata.get("graph", ""), f"{name} (graph)")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data)
-    except zstandard.ZstdError as exc:
-        raise PortfolioError(f"{name}: corrupt or truncated zstd data ({exc})") from exc
-    _check_archive_is_data_only(raw, name)
+        module = _graph.build_variant(graph, infos)
+    except GraphError as exc:
+        raise PortfolioError(f"{name}: {exc}") from exc
     try:
-        module = torch.export.load(io.BytesIO(raw)).module()
-    except Exception as exc:  # noqa: BLE001
-        raise PortfolioError(f"{name}: cannot load exported program ({exc})") from exc
-    return _lean_module(module).eval()
-
-
-def _lean_module(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Rebuild ExportedProgram.module() as a plain ``forward(x) -> Tensor`` GraphModule.
-
-    The unlifted module flattens inputs and unflattens outputs with pytree on every call, which
-    costs about 0.1 ms: a third of a batch-1 digits forward. With one tensor in and one tensor out
-    that adds nothing, so we swap its codegen for the plain one. The input guards (``_guards_fn``:
-    every non-batch dimension must match) stay. The rebuild also drops the train()/eval() overrides
-    that raise on the unlifted module; the graph was exported in eval mode (BN and dropout frozen),
-    so the mode flag changes nothing and callers may use ``.eval()`` freely.
-    """
-    graph = module.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    output = next(n for n in graph.nodes if n.op == "output")
-    outs = output.args[0]
-    if len(placeholders) != 1 or not isinstance(outs, (tuple, list)) or len(outs) != 1:
-        for method in ("train", "eval"):  # keep pytree handling; just allow .eval()
-            module.__dict__.pop(method, None)
-        return module
-    output.args = (outs[0],)
-    graph._codegen = torch.fx.graph.CodeGen()
-    return torch.fx.GraphModule(module, graph, class_name="PortfolioVariant")
+        tensors = safetensors.torch.load(raw)
+    except Exception as exc:  # noqa: BLE001 - the library's own checks of what we checked above
+        raise PortfolioError(f"{name}: bad safetensors data ({type(exc).__name__}: {exc})") from exc
+    try:
+        module.assign_tensors(tensors)
+    except GraphError as exc:  # pragma: no cover - the header check makes this unreachable
+        raise PortfolioError(f"{name}: {exc}") from exc
+    return module.eval()
 
 
 # ------------------------------------------------------------------------------ skeleton + weights
@@ -336,7 +486,7 @@ def assign_state(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.M
 
 
 def pack_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialize weights to bytes that :func:`unpack_state` reads back with ``weights_only=True``.
+    """Serialize weights to safetensors bytes (no pickle) that :func:`unpack_state` reads back.
 
     Example::
 
@@ -345,30 +495,25 @@ def pack_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
         >>> isinstance(data, bytes), sorted(unpack_state(data))
         (True, ['b', 'w'])
     """
-    buf = io.BytesIO()
-    torch.save({k: v.detach().contiguous() for k, v in tensors.items()}, buf)
-    return buf.getvalue()
+    return safetensors.torch.save({k: v.detach().contiguous().clone() for k, v in tensors.items()})
 
 
 def unpack_state(data: bytes) -> dict[str, torch.Tensor]:
-    """Read :func:`pack_state` bytes; the restricted unpickler admits tensors and containers only.
+    """Read :func:`pack_state` bytes; anything but a safetensors file is a ``ValueError``.
 
     Example::
 
-        >>> import io, torch
         >>> unpack_state(pack_state({"w": torch.ones(2, 2)}))["w"].sum().item()
         4.0
-        >>> buf = io.BytesIO()
-        >>> torch.save({"w": [1, 2]}, buf)                # a dict, but not of tensors
-        >>> unpack_state(buf.getvalue())
+        >>> unpack_state(b"\\x80\\x04pickle")
         Traceback (most recent call last):
             ...
-        ValueError: packed state is not a dict of tensors
+        ValueError: packed state is not a safetensors file (...)
     """
-    state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("packed state is not a dict of tensors")
-    return state
+    try:
+        return safetensors.torch.load(data)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
+        raise ValueError(f"packed state is not a safetensors file ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------- manifest
@@ -442,49 +587,148 @@ def _fail(directory: Path, why: str) -> PortfolioError:
     return PortfolioError(f"{directory / MANIFEST_NAME}: {why}")
 
 
-def validate_manifest(manifest: Any, directory: str | os.PathLike[str] = ".") -> dict[str, Any]:
-    """Check the manifest schema; returns it unchanged or raises :class:`PortfolioError` saying what is wrong."""
-    d = Path(directory)
-    if not isinstance(manifest, dict):
-        raise _fail(d, "manifest must be a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise _fail(d, f"format_version must be {FORMAT_VERSION}, got {manifest.get('format_version')!r}")
-    spec = manifest.get("input_spec")
+def _int(v: Any, lo: int = 0, hi: int = _MAX_INT) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _num(v: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi)
+
+
+def _finite_everywhere(v: Any, depth: int = 0) -> bool:
+    """No NaN or infinity anywhere in a JSON value (and no nesting deeper than 32)."""
+    if depth > 32:
+        return False
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _finite_everywhere(x, depth + 1) for k, x in v.items())
+    if isinstance(v, list):
+        return all(_finite_everywhere(x, depth + 1) for x in v)
+    return v is None or isinstance(v, (str, int, bool))
+
+
+def _check_input_spec(d: Path, spec: Any) -> None:
     if not isinstance(spec, dict):
         raise _fail(d, "input_spec must be an object")
     shape = spec.get("shape")
-    if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise _fail(d, f"input_spec.shape must be a list of positive ints (no batch dim), got {shape!r}")
-    if not isinstance(spec.get("dtype"), str):
-        raise _fail(d, "input_spec.dtype must be a string such as 'float32'")
-    for opt in ("mean", "std", "class_names"):
-        if opt in spec and spec[opt] is not None and not isinstance(spec[opt], list):
-            raise _fail(d, f"input_spec.{opt} must be a list")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 7 and all(_int(s, 1, 1 << 20) for s in shape)):
+        raise _fail(d, f"input_spec.shape must be a list of 1..7 positive ints (no batch dim), got {str(shape)[:80]}")
+    if spec.get("dtype") not in INPUT_DTYPES:
+        raise _fail(d, f"input_spec.dtype must be one of {sorted(INPUT_DTYPES)}, got {str(spec.get('dtype'))[:40]!r}")
+    for opt in ("mean", "std"):
+        values = spec.get(opt)
+        if values is None:
+            continue
+        if not (isinstance(values, list) and all(_num(x) for x in values)):
+            raise _fail(d, f"input_spec.{opt} must be a list of finite numbers")
+        if len(values) != shape[0]:
+            raise _fail(d, f"input_spec.{opt} has {len(values)} values; the input has {shape[0]} channels")
+        if opt == "std" and not all(x > 0 for x in values):
+            raise _fail(d, "input_spec.std values must be > 0")
+    names = spec.get("class_names")
+    if names is not None and not (isinstance(names, list) and len(names) <= 1_000_000
+                                  and all(isinstance(n, str) and len(n) <= 256 for n in names)):
+        raise _fail(d, "input_spec.class_names must be a list of strings (at most 256 chars each)")
+    color = spec.get("color")
+    if color is not None and _COLORS.get(color) != shape[0]:
+        raise _fail(d, f"input_spec.color must be one of {sorted(_COLORS)} and match the {shape[0]} channels, "
+                       f"got {str(color)[:20]!r}")
+
+
+def _check_variant(d: Path, i: int, v: Any) -> None:
+    where = f"variants[{i}]"
+    if not isinstance(v, dict):
+        raise _fail(d, f"{where} must be an object")
+    for field in ("id", "level", "sparsity", "params", "nonzero_params", "file", "bytes_raw", "bytes_compressed",
+                  "sha256", "macs", "latency_ms", "accuracy", "sparse_accuracy", "max_abs_diff"):
+        if field not in v:
+            raise _fail(d, f"{where} ({str(v.get('id', '?'))[:40]}) is missing field {field!r}")
+    vid = v["id"]
+    if not (isinstance(vid, str) and len(vid) <= _MAX_ID_CHARS and _ID.match(vid)):
+        raise _fail(d, f"{where}.id must be 1..{_MAX_ID_CHARS} letters, digits or '_.+-', got {str(vid)[:40]!r}")
+    where = f"variant {vid!r}"
+    checks = {
+        "level": _int(v["level"], 0, 1 << 20),
+        "sparsity": _num(v["sparsity"], 0.0, 1.0),
+        "params": _int(v["params"]), "nonzero_params": _int(v["nonzero_params"]), "macs": _int(v["macs"]),
+        "bytes_raw": _int(v["bytes_raw"], 0, MAX_VARIANT_BYTES),
+        "bytes_compressed": _int(v["bytes_compressed"], 1, MAX_VARIANT_BYTES),
+        "accuracy": v["accuracy"] is None or _num(v["accuracy"], 0.0, 1.0),
+        "sparse_accuracy": v["sparse_accuracy"] is None or _num(v["sparse_accuracy"], 0.0, 1.0),
+        "max_abs_diff": v["max_abs_diff"] is None or _num(v["max_abs_diff"], 0.0),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        k = bad[0]
+        rule = {"sparsity": "a finite number in [0, 1]", "accuracy": "null or a finite number in [0, 1]",
+                "sparse_accuracy": "null or a finite number in [0, 1]", "max_abs_diff": "null or a finite number >= 0",
+                "bytes_raw": f"an int in [0, {MAX_VARIANT_BYTES}]", "bytes_compressed": f"an int in [1, {MAX_VARIANT_BYTES}]",
+                }.get(k, "a non-negative int")
+        raise _fail(d, f"{where}: {k} must be {rule}, got {type(v[k]).__name__} {str(v[k])[:40]}")
+    f = v["file"]
+    if not isinstance(f, str):
+        raise _fail(d, f"{where}: file has type {type(f).__name__}")
+    if (not f or len(f) > _MAX_PATH_CHARS or "\x00" in f or "\\" in f or Path(f).is_absolute()
+            or ".." in Path(f).parts or f.startswith("~")):
+        raise _fail(d, f"{where}: file must be a relative path inside the portfolio, got {f[:80]!r}")
+    if not (isinstance(v["sha256"], str) and _SHA256.match(v["sha256"])):
+        raise _fail(d, f"{where}: sha256 must be 64 lowercase hex digits")
+    lat = v["latency_ms"]
+    if not (isinstance(lat, dict) and len(lat) <= 64 and all(isinstance(k, str) and k.isdigit() and len(k) <= 6
+                                                              and _num(x, 0.0) for k, x in lat.items())
+            and "1" in lat and "8" in lat):
+        raise _fail(d, f"{where}: latency_ms needs finite numbers >= 0 for batch '1' and '8' (keys: batch sizes)")
+    if not _finite_everywhere(v):
+        raise _fail(d, f"{where}: every number must be finite (and nesting at most 32 deep)")
+
+
+def validate_manifest(manifest: Any, directory: str | os.PathLike[str] = ".") -> dict[str, Any]:
+    """Check the manifest schema; returns it unchanged or raises :class:`PortfolioError` saying what is wrong.
+
+    Every field's type and range is checked: numbers are finite (no NaN or infinite accuracy or
+    latency), sizes are under :data:`MAX_VARIANT_BYTES`, ``input_spec.dtype`` is one of
+    :data:`INPUT_DTYPES`, ``mean``/``std`` have one value per channel, file names are relative paths
+    inside the portfolio without NUL bytes.
+
+    Example::
+
+        >>> v = {"id": "a", "level": 0, "sparsity": 0.0, "params": 8, "nonzero_params": 8, "macs": 6,
+        ...      "file": "variants/a.safetensors.zst", "bytes_raw": 100, "bytes_compressed": 90,
+        ...      "sha256": "0" * 64, "latency_ms": {"1": 0.1, "8": 0.2}, "accuracy": 0.9,
+        ...      "sparse_accuracy": None, "max_abs_diff": None}
+        >>> m = {"format_version": FORMAT_VERSION, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
+        ...      "variants": [v]}
+        >>> validate_manifest(m) is m
+        True
+        >>> validate_manifest({**m, "variants": [{**v, "accuracy": float("nan")}]})
+        Traceback (most recent call last):
+            ...
+        dnnshifter_lightning.portfolio.PortfolioError: manifest.json: variant 'a': accuracy must be null or a finite number in [0, 1], got float nan
+    """
+    d = Path(directory)
+    if not isinstance(manifest, dict):
+        raise _fail(d, "manifest must be a JSON object")
+    version = manifest.get("format_version")
+    if version == 1:
+        raise _fail(d, f"format_version 1 (torch.export programs) is no longer loaded, because loading it can run "
+                       f"code; {REBUILD_HINT}")
+    if version != FORMAT_VERSION:
+        raise _fail(d, f"format_version must be {FORMAT_VERSION}, got {str(version)[:40]!r}")
+    _check_input_spec(d, manifest.get("input_spec"))
     variants = manifest.get("variants")
     if not isinstance(variants, list) or not variants:
         raise _fail(d, "variants must be a non-empty list")
+    if len(variants) > 10_000:
+        raise _fail(d, f"{len(variants)} variants; at most 10000")
     seen: set[str] = set()
     for i, v in enumerate(variants):
-        where = f"variants[{i}]"
-        if not isinstance(v, dict):
-            raise _fail(d, f"{where} must be an object")
-        for field, types in _VARIANT_FIELDS.items():
-            if field not in v:
-                raise _fail(d, f"{where} ({v.get('id', '?')}) is missing field {field!r}")
-            if not isinstance(v[field], types) or isinstance(v[field], bool):
-                raise _fail(d, f"{where}.{field} has type {type(v[field]).__name__}")
-        where = f"variant {v['id']!r}"
+        _check_variant(d, i, v)
         if v["id"] in seen:
-            raise _fail(d, f"duplicate {where}")
+            raise _fail(d, f"duplicate variant {v['id']!r}")
         seen.add(v["id"])
-        f = v["file"]
-        if Path(f).is_absolute() or ".." in Path(f).parts or "\\" in f:
-            raise _fail(d, f"{where}: file must be a relative path inside the portfolio, got {f!r}")
-        if not _SHA256.match(v["sha256"]):
-            raise _fail(d, f"{where}: sha256 must be 64 lowercase hex digits")
-        lat = v["latency_ms"]
-        if not all(k in lat and isinstance(lat[k], (int, float)) for k in ("1", "8")):
-            raise _fail(d, f"{where}: latency_ms needs numbers for batch '1' and '8'")
+    if not _finite_everywhere({k: x for k, x in manifest.items() if k != "variants"}):
+        raise _fail(d, "every number must be finite (and nesting at most 32 deep)")
     accs = [v["accuracy"] for v in variants if v["accuracy"] is not None]
     if any(a < b - 1e-12 for a, b in zip(accs, accs[1:])):
         raise _fail(d, "variants must be ordered from most to least accurate")
@@ -499,10 +743,10 @@ def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) 
         >>> import tempfile, torch
         >>> from pathlib import Path
         >>> d = Path(tempfile.mkdtemp())
-        >>> info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), d / "variants" / "v0.pt2.zst")
+        >>> info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), d / "variants" / "v0.safetensors.zst")
         >>> variant = {"id": "v0", "level": 0, "sparsity": 0.0, "params": 8, "nonzero_params": 8, "macs": 6,
         ...            "latency_ms": {"1": 0.01, "8": 0.02}, "accuracy": None, "sparse_accuracy": None,
-        ...            "max_abs_diff": None, **info, "file": "variants/v0.pt2.zst"}
+        ...            "max_abs_diff": None, **info, "file": "variants/v0.safetensors.zst"}
         >>> manifest = {"format_version": FORMAT_VERSION, "input_spec": {"shape": [3], "dtype": "float32"},
         ...             "variants": [variant]}
         >>> write_manifest(d, manifest).name
@@ -533,15 +777,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         dnnshifter_lightning.portfolio.PortfolioError: /nonexistent/manifest.json: cannot read ...
     """
     d = Path(directory)
-    try:
-        text = (d / MANIFEST_NAME).read_text()
-    except OSError as exc:
-        raise _fail(d, f"cannot read ({exc.strerror or exc})") from exc
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _fail(d, f"not valid JSON ({exc})") from exc
-    return validate_manifest(manifest, d)
+    data = _read_regular(d / MANIFEST_NAME, d, MAX_MANIFEST_BYTES, "manifest")
+    return validate_manifest(load_json(data, str(d / MANIFEST_NAME)), d)
 
 
 def verify_portfolio(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -552,28 +789,39 @@ def verify_portfolio(directory: str | os.PathLike[str]) -> dict[str, Any]:
         >>> import tempfile, torch
         >>> from pathlib import Path
         >>> d = Path(tempfile.mkdtemp())
-        >>> info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), d / "v0.pt2.zst")
-        >>> _ = write_manifest(d, {"format_version": 1, "input_spec": {"shape": [3], "dtype": "float32"},
+        >>> info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), d / "v0.safetensors.zst")
+        >>> _ = write_manifest(d, {"format_version": 2, "input_spec": {"shape": [3], "dtype": "float32"},
         ...     "variants": [{"id": "v0", "level": 0, "sparsity": 0.0, "params": 8, "nonzero_params": 8,
         ...                   "macs": 6, "latency_ms": {"1": 0.01, "8": 0.02}, "accuracy": None,
         ...                   "sparse_accuracy": None, "max_abs_diff": None, **info}]})
         >>> verify_portfolio(d)["variants"][0]["file"]
-        'v0.pt2.zst'
-        >>> _ = (d / "v0.pt2.zst").write_bytes(b"tampered")
+        'v0.safetensors.zst'
+        >>> data = bytearray((d / "v0.safetensors.zst").read_bytes())
+        >>> data[-1] ^= 1                                  # same size, one bit flipped
+        >>> _ = (d / "v0.safetensors.zst").write_bytes(bytes(data))
         >>> verify_portfolio(d)
         Traceback (most recent call last):
             ...
-        dnnshifter_lightning.portfolio.PortfolioError: .../v0.pt2.zst: sha256 mismatch for variant 'v0' ...
+        dnnshifter_lightning.portfolio.PortfolioError: .../v0.safetensors.zst: sha256 mismatch for variant 'v0' ...
     """
     d = Path(directory)
     manifest = read_manifest(d)
     for v in manifest["variants"]:
         path = d / v["file"]
+        fd, size = _open_regular(path, d, MAX_VARIANT_BYTES, f"variant {v['id']!r}")
         h = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
+            with os.fdopen(fd, "rb", closefd=True) as f:
+                if size != v["bytes_compressed"]:
+                    raise PortfolioError(f"{path}: variant {v['id']!r} is {size} bytes, the manifest says "
+                                         f"bytes_compressed={v['bytes_compressed']}")
+                remaining = size
+                while remaining > 0:
+                    chunk = f.read(min(1 << 20, remaining))
+                    if not chunk:
+                        break
                     h.update(chunk)
+                    remaining -= len(chunk)
         except OSError as exc:
             raise PortfolioError(f"{path}: cannot read variant {v['id']!r} ({exc.strerror or exc})") from exc
         if h.hexdigest() != v["sha256"]:

@@ -1,7 +1,7 @@
 """PortfolioRuntime: every variant of a portfolio at hand, one inflated, switched in milliseconds.
 
 At start the runtime verifies the sha256 of every file, loads each variant once, and splits it into
-a *skeleton* (the ``GraphModule`` with ``meta`` tensors: its code, no weight memory) and its weights,
+a *skeleton* (the variant's graph interpreter with ``meta`` tensors: no weight memory) and its weights,
 packed into one flat, aligned byte buffer that is kept zstd-compressed in memory, in frames of 1 MiB.
 A switch then costs what the paper's floor is, decompressing that variant's weight bytes: straight
 into a fresh buffer, frames in parallel, whose slices become the skeleton's parameters as views. No
@@ -37,11 +37,11 @@ Example::
     >>> d = Path(tempfile.mkdtemp())
     >>> variants = []
     >>> for i, width in enumerate((16, 8)):
-    ...     info = save_variant(DigitsCNN(width=width).eval(), torch.zeros(2, 1, 8, 8), d / f"w{width}.pt2.zst")
+    ...     info = save_variant(DigitsCNN(width=width).eval(), torch.zeros(2, 1, 8, 8), d / f"w{width}.safetensors.zst")
     ...     variants.append({"id": f"w{width}", "level": i, "sparsity": 0.0, "params": 0, "nonzero_params": 0,
     ...         "macs": 0, "latency_ms": {"1": 1.0, "8": 2.0}, "accuracy": None, "sparse_accuracy": None,
     ...         "max_abs_diff": None, **info})
-    >>> _ = write_manifest(d, {"format_version": 1, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
+    >>> _ = write_manifest(d, {"format_version": 2, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
     ...                        "variants": variants})
     >>> rt = PortfolioRuntime(d, profile_batch_sizes=None)
     >>> rt.active_id, rt(torch.zeros(3, 1, 8, 8)).shape
@@ -70,7 +70,7 @@ import zstandard
 from torch import nn
 
 from .policy import profiles_from_manifest
-from .portfolio import PortfolioError, load_variant, variant_state, verify_portfolio
+from .portfolio import INPUT_DTYPES, PortfolioError, load_variant, variant_state, verify_portfolio
 
 __all__ = ["PortfolioRuntime", "SwitchRecord", "SwitchError", "PinThrottled", "PortfolioError"]
 
@@ -91,9 +91,9 @@ class SwitchError(RuntimeError):
         >>> variants = [{"id": vid, "level": i, "sparsity": 0.0, "params": 0, "nonzero_params": 0, "macs": 0,
         ...              "latency_ms": {"1": 1.0, "8": 2.0}, "accuracy": None, "sparse_accuracy": None,
         ...              "max_abs_diff": None, **save_variant(torch.nn.Linear(4, 3), torch.zeros(2, 4),
-        ...                                                   d / f"{vid}.pt2.zst")}
+        ...                                                   d / f"{vid}.safetensors.zst")}
         ...             for i, vid in enumerate(["a", "b"])]
-        >>> _ = write_manifest(d, {"format_version": 1, "input_spec": {"shape": [4], "dtype": "float32"},
+        >>> _ = write_manifest(d, {"format_version": 2, "input_spec": {"shape": [4], "dtype": "float32"},
         ...                        "variants": variants})
         >>> rt = PortfolioRuntime(d, profile_batch_sizes=None)
         >>> rt._variants["b"].blob = b"garbage"          # simulate a corrupt in-memory blob
@@ -321,11 +321,11 @@ class PortfolioRuntime:
         >>> variants = []
         >>> for vid, hidden in (("big", 32), ("small", 4)):
         ...     net = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 3))
-        ...     info = save_variant(net, torch.zeros(2, 4), d / f"{vid}.pt2.zst")
+        ...     info = save_variant(net, torch.zeros(2, 4), d / f"{vid}.safetensors.zst")
         ...     variants.append({"id": vid, "level": len(variants), "sparsity": 0.0, "params": 0,
         ...                      "nonzero_params": 0, "macs": 0, "latency_ms": {"1": 1.0, "8": 2.0},
         ...                      "accuracy": None, "sparse_accuracy": None, "max_abs_diff": None, **info})
-        >>> _ = write_manifest(d, {"format_version": 1, "input_spec": {"shape": [4], "dtype": "float32"},
+        >>> _ = write_manifest(d, {"format_version": 2, "input_spec": {"shape": [4], "dtype": "float32"},
         ...                        "variants": variants})
         >>> rt = PortfolioRuntime(d, memory_budget_mb=1, profile_batch_sizes=None)
         >>> rt.variant_ids, rt.active_id
@@ -361,7 +361,8 @@ class PortfolioRuntime:
         self._variants: dict[str, _Variant] = {}
         started = time.perf_counter()
         for info in self.manifest["variants"]:
-            module = load_variant(self.path / info["file"], sha256=info["sha256"])
+            module = load_variant(self.path / info["file"], sha256=info["sha256"], bytes_raw=info["bytes_raw"],
+                                  root=self.path)  # data only: an interpreted graph, bounded (portfolio.py)
             variant = _Variant(info, module, self._codec)
             self._variants[variant.id] = variant
             if variant.id != (initial or self.variant_ids[0]):
@@ -586,7 +587,7 @@ class PortfolioRuntime:
     def example_batch(self, batch_size: int) -> torch.Tensor:
         """A random batch shaped by the manifest's ``input_spec``."""
         spec = self.manifest["input_spec"]
-        dtype = getattr(torch, spec.get("dtype", "float32"))
+        dtype = INPUT_DTYPES[spec.get("dtype", "float32")]
         return torch.randn(batch_size, *spec["shape"]).to(dtype)
 
     def measure_profiles(self, batch_sizes: Sequence[int] = (1, 8), warmup: int = 3,

@@ -19,7 +19,7 @@ import torch
 
 from dnnshifter_lightning.digits import DIGITS_INPUT_SPEC, load_digits_tensors
 from dnnshifter_lightning.models import DigitsCNN
-from dnnshifter_lightning.portfolio import save_variant, write_manifest
+from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, save_variant, write_manifest
 from dnnshifter_lightning.profile import count_params, measure_latency_ms
 
 WIDTHS = (128, 32, 8)
@@ -44,7 +44,7 @@ def build_test_portfolio(out: Path, widths: tuple[int, ...] = WIDTHS) -> dict:
     for level, width in enumerate(widths):
         model = _model(width, seed=level)
         vid = f"level_{level:02d}"
-        rel = f"variants/{vid}.pt2.zst"
+        rel = f"variants/{vid}{VARIANT_SUFFIX}"
         info = save_variant(model, example[:2], out / rel)
         n = count_params(model)
         variants.append({
@@ -54,7 +54,7 @@ def build_test_portfolio(out: Path, widths: tuple[int, ...] = WIDTHS) -> dict:
             "latency_ms": {str(b): measure_latency_ms(model, example[:b], 2, 5) for b in (1, 8)},
             "accuracy": None, "sparse_accuracy": None, "max_abs_diff": 0.0,
         })
-    manifest = {"format_version": 1, "input_spec": dict(DIGITS_INPUT_SPEC), "variants": variants}
+    manifest = {"format_version": FORMAT_VERSION, "input_spec": dict(DIGITS_INPUT_SPEC), "variants": variants}
     write_manifest(out, manifest)
     return manifest
 

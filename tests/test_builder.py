@@ -12,7 +12,7 @@ from torch import nn
 from dnnshifter_lightning import builder
 from dnnshifter_lightning.builder import PortfolioBuilder, build_portfolio, portfolio_build_command, portfolio_show_command
 from dnnshifter_lightning.digits import DIGITS_INPUT_SPEC, DigitsClassifier, DigitsDataModule, load_digits_tensors
-from dnnshifter_lightning.portfolio import load_variant, read_manifest, verify_portfolio
+from dnnshifter_lightning.portfolio import VARIANT_SUFFIX, load_variant, read_manifest, verify_portfolio
 
 SPARSITIES = [0.0, 0.6, 0.85]
 
@@ -87,7 +87,7 @@ def test_manifest_is_valid_ordered_and_complete(built: tuple[Path, dict]) -> Non
         assert set(v["latency_ms"]) == {"1", "8"} and all(t > 0 for t in v["latency_ms"].values())
     dead = next(v for v in vs if v["level"] == 2)
     assert dead["params"] < dead["sparse"]["params"]  # dead channels were physically removed
-    assert sorted(p.name for p in (out / "variants").iterdir()) == [f"level_0{i}.pt2.zst" for i in range(3)]
+    assert sorted(p.name for p in (out / "variants").iterdir()) == [f"level_0{i}{VARIANT_SUFFIX}" for i in range(3)]
     assert (out / "portfolio.png").stat().st_size > 10_000
 
 

@@ -17,8 +17,8 @@ import pytest
 MODULES = [
     "dnnshifter_lightning",
     *(f"dnnshifter_lightning.{name}" for name in (
-        "masks", "imp", "structured", "portfolio", "profile", "builder", "runtime", "policy", "serving", "loadgen",
-        "digits", "models", "plot", "demo", "images", "checkpoints",
+        "masks", "imp", "structured", "portfolio", "graph", "profile", "builder", "runtime", "policy", "serving",
+        "loadgen", "digits", "models", "plot", "demo", "images", "checkpoints",
     )),
 ]
 

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -66,7 +65,7 @@ def _sparse_digits_cnn(width: int = 8) -> nn.Module:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, dict]:
     model = _sparse_digits_cnn()
-    path = tmp_path_factory.mktemp("variant") / "v.pt2.zst"
+    path = tmp_path_factory.mktemp("variant") / "v.safetensors.zst"
     info = pf.save_variant(model, torch.randn(2, 1, 8, 8), path)
     return model, path, info
 
@@ -103,13 +102,13 @@ def test_variant_loads_in_a_process_without_the_user_class(tmp_path: Path) -> No
     torch.manual_seed(1)
     model = UserNet().eval()
     x = torch.randn(5, 1, 8, 8)
-    info = pf.save_variant(model, x[:2], tmp_path / "user.pt2.zst")
+    info = pf.save_variant(model, x[:2], tmp_path / "user.safetensors.zst")
     with torch.no_grad():
         torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
     script = textwrap.dedent(f"""
         import sys, torch
         from dnnshifter_lightning.portfolio import load_variant
-        m = load_variant({str(tmp_path / 'user.pt2.zst')!r}, sha256={info['sha256']!r})
+        m = load_variant({str(tmp_path / 'user.safetensors.zst')!r}, sha256={info['sha256']!r})
         io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
         with torch.no_grad():
             torch.testing.assert_close(m(io["x"]), io["y"], rtol=0, atol=1e-6)
@@ -137,7 +136,7 @@ def _copy_with(path: Path, dest: Path, mutate) -> Path:
 
 
 def test_truncated_file_names_the_file(saved: tuple[nn.Module, Path, dict], tmp_path: Path) -> None:
-    bad = _copy_with(saved[1], tmp_path / "truncated.pt2.zst", lambda d: d[: len(d) // 2])
+    bad = _copy_with(saved[1], tmp_path / "truncated.safetensors.zst", lambda d: d[: len(d) // 2])
     with pytest.raises(PortfolioError, match=str(bad)):
         pf.load_variant(bad)
     with pytest.raises(PortfolioError, match=f"{bad}.*sha256"):
@@ -149,50 +148,14 @@ def test_flipped_byte_names_the_file(saved: tuple[nn.Module, Path, dict], tmp_pa
         d[len(d) // 2] ^= 0xFF
         return d
 
-    bad = _copy_with(saved[1], tmp_path / "flipped.pt2.zst", flip)
+    bad = _copy_with(saved[1], tmp_path / "flipped.safetensors.zst", flip)
     with pytest.raises(PortfolioError, match=str(bad)):  # zstd's content checksum catches it
         pf.load_variant(bad)
 
 
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(PortfolioError, match="nope.pt2.zst"):
-        pf.load_variant(tmp_path / "nope.pt2.zst")
-
-
-def _rewrite_archive(path: Path, dest: Path, edit) -> Path:
-    raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
-    src = zipfile.ZipFile(io.BytesIO(raw))
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as z:
-        for name in src.namelist():
-            data = edit(name, src.read(name))
-            if data is not None:
-                z.writestr(name, data)
-        edit.extra(z)
-    dest.write_bytes(zstandard.ZstdCompressor().compress(out.getvalue()))
-    return dest
-
-
-def test_refuses_pickled_weights(saved: tuple[nn.Module, Path, dict], tmp_path: Path) -> None:
-    def edit(name: str, data: bytes) -> bytes:
-        if name.endswith("model_weights_config.json"):
-            cfg = json.loads(data)
-            next(iter(cfg["config"].values()))["use_pickle"] = True
-            return json.dumps(cfg).encode()
-        return data
-
-    edit.extra = lambda z: None  # type: ignore[attr-defined]
-    bad = _rewrite_archive(saved[1], tmp_path / "pickled.pt2.zst", edit)
-    with pytest.raises(PortfolioError, match=f"{bad}.*pickled"):
-        pf.load_variant(bad)
-
-
-def test_refuses_unknown_archive_entries(saved: tuple[nn.Module, Path, dict], tmp_path: Path) -> None:
-    edit = lambda name, data: data  # noqa: E731
-    edit.extra = lambda z: z.writestr("archive/data/aotinductor/model/evil.so", b"\x7fELF")  # type: ignore[attr-defined]
-    bad = _rewrite_archive(saved[1], tmp_path / "evil.pt2.zst", edit)
-    with pytest.raises(PortfolioError, match=f"{bad}.*unexpected archive entries"):
-        pf.load_variant(bad)
+    with pytest.raises(PortfolioError, match="nope.safetensors.zst"):
+        pf.load_variant(tmp_path / "nope.safetensors.zst")
 
 
 def test_skeleton_release_and_assign(saved: tuple[nn.Module, Path, dict]) -> None:
@@ -226,13 +189,13 @@ def test_unpack_state_refuses_arbitrary_objects() -> None:
 
 def _variant(vid: str, acc: float | None, level: int = 0, size: int = 100, lat: float = 1.0) -> dict:
     return {"id": vid, "level": level, "sparsity": 0.5, "params": 10, "nonzero_params": 9,
-            "file": f"variants/{vid}.pt2.zst", "bytes_raw": 200, "bytes_compressed": size, "sha256": "a" * 64,
+            "file": f"variants/{vid}.safetensors.zst", "bytes_raw": 200, "bytes_compressed": size, "sha256": "a" * 64,
             "macs": 100, "latency_ms": {"1": lat, "8": 4 * lat}, "accuracy": acc, "sparse_accuracy": acc,
             "max_abs_diff": 0.0}
 
 
 def _manifest(*variants: dict) -> dict:
-    return {"format_version": 1, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"}, "variants": list(variants)}
+    return {"format_version": 2, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"}, "variants": list(variants)}
 
 
 def test_manifest_roundtrip(tmp_path: Path) -> None:
@@ -242,11 +205,12 @@ def test_manifest_roundtrip(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("breakage, message", [
-    (lambda m: m.update(format_version=2), "format_version"),
+    (lambda m: m.update(format_version=3), "format_version"),
+    (lambda m: m.update(format_version=1), "format_version 1 .*dnnshifter portfolio build"),
     (lambda m: m.pop("input_spec"), "input_spec"),
     (lambda m: m["input_spec"].update(shape=[0, 8]), "input_spec.shape"),
     (lambda m: m["variants"][0].pop("sha256"), "missing field 'sha256'"),
-    (lambda m: m["variants"][0].update(params="10"), r"params has type str"),
+    (lambda m: m["variants"][0].update(params="10"), r"params must be a non-negative int, got str"),
     (lambda m: m["variants"][0].update(file="../../etc/passwd"), "relative path inside"),
     (lambda m: m["variants"][0].update(sha256="xyz"), "sha256 must be"),
     (lambda m: m["variants"][1].update(id="a"), "duplicate"),
@@ -267,7 +231,7 @@ def test_manifest_schema_errors_say_what_is_wrong(tmp_path: Path, breakage, mess
 
 
 def test_manifest_invalid_json(tmp_path: Path) -> None:
-    (tmp_path / "manifest.json").write_text('{"format_version": 1, ')
+    (tmp_path / "manifest.json").write_text('{"format_version": 2, ')
     with pytest.raises(PortfolioError, match="not valid JSON"):
         pf.read_manifest(tmp_path)
 
@@ -290,7 +254,7 @@ def test_failed_manifest_write_leaves_old_manifest_and_no_temp_file(tmp_path: Pa
 def test_failed_variant_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(pf.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("crash")))
     with pytest.raises(OSError, match="crash"):
-        pf.save_variant(nn.Linear(3, 2), torch.zeros(2, 3), tmp_path / "v.pt2.zst")
+        pf.save_variant(nn.Linear(3, 2), torch.zeros(2, 3), tmp_path / "v.safetensors.zst")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -304,10 +268,10 @@ def test_sort_variants_by_accuracy_then_size_then_latency() -> None:
 
 def test_verify_portfolio_catches_tampering(saved: tuple[nn.Module, Path, dict], tmp_path: Path) -> None:
     (tmp_path / "variants").mkdir()
-    target = tmp_path / "variants" / "a.pt2.zst"
+    target = tmp_path / "variants" / "a.safetensors.zst"
     target.write_bytes(saved[1].read_bytes())
     v = _variant("a", 0.9)
-    v["sha256"] = saved[2]["sha256"]
+    v["sha256"], v["bytes_compressed"] = saved[2]["sha256"], saved[2]["bytes_compressed"]
     pf.write_manifest(tmp_path, _manifest(v))
     assert pf.verify_portfolio(tmp_path)["variants"][0]["id"] == "a"
     data = bytearray(target.read_bytes())
@@ -360,8 +324,8 @@ class TwoHeads(nn.Module):
 
 def test_multi_output_variant_keeps_its_structure_and_allows_eval(tmp_path: Path) -> None:
     model = TwoHeads().eval()
-    pf.save_variant(model, torch.randn(2, 4), tmp_path / "two.pt2.zst")
-    loaded = pf.load_variant(tmp_path / "two.pt2.zst")
+    pf.save_variant(model, torch.randn(2, 4), tmp_path / "two.safetensors.zst")
+    loaded = pf.load_variant(tmp_path / "two.safetensors.zst")
     loaded.train()
     loaded.eval()
     x = torch.randn(3, 4)
@@ -370,9 +334,11 @@ def test_multi_output_variant_keeps_its_structure_and_allows_eval(tmp_path: Path
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_single_output_variant_is_a_lean_graph_module(saved: tuple[nn.Module, Path, dict]) -> None:
+def test_single_output_variant_is_the_graph_interpreter(saved: tuple[nn.Module, Path, dict]) -> None:
+    from dnnshifter_lightning.graph import GraphVariant
+
     model, path, _ = saved
     loaded = pf.load_variant(path)
-    assert type(loaded).__name__ == "PortfolioVariant"
+    assert type(loaded) is GraphVariant
     assert isinstance(loaded(torch.randn(1, 1, 8, 8)), torch.Tensor)
     assert set(pf.variant_state(loaded)) == set(model.state_dict())

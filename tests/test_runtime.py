@@ -41,12 +41,12 @@ def portfolio(tmp_path_factory):
     variants = []
     for level, (vid, width, unstructured) in enumerate(SPECS):
         model = _imp_like(width, unstructured, seed=level)
-        info = save_variant(model, example, d / f"{vid}.pt2.zst")
+        info = save_variant(model, example, d / f"{vid}.safetensors.zst")
         params = sum(p.numel() for p in model.parameters())
         variants.append({"id": vid, "level": level, "sparsity": unstructured, "params": params,
                          "nonzero_params": params, "macs": 0, "latency_ms": {"1": 1.0, "8": 2.0},
                          "accuracy": 0.9 - 0.1 * level, "sparse_accuracy": None, "max_abs_diff": 0.0, **info})
-    write_manifest(d, {"format_version": 1, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
+    write_manifest(d, {"format_version": 2, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
                        "variants": variants})
     return d
 
@@ -54,7 +54,7 @@ def portfolio(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(portfolio):
     """Each variant loaded on its own, the way the portfolio format serves it."""
-    return {vid: load_variant(portfolio / f"{vid}.pt2.zst") for vid, *_ in SPECS}
+    return {vid: load_variant(portfolio / f"{vid}.safetensors.zst") for vid, *_ in SPECS}
 
 
 @pytest.fixture
@@ -188,14 +188,14 @@ def test_concurrent_requests_and_switches_stay_consistent(portfolio, references,
 def test_corrupt_file_refused_at_start_naming_it(portfolio, tmp_path):
     copy = tmp_path / "p"
     shutil.copytree(portfolio, copy)
-    path = copy / "l1.pt2.zst"
+    path = copy / "l1.safetensors.zst"
     data = bytearray(path.read_bytes())
     data[100] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(PortfolioError, match=r"l1\.pt2\.zst.*sha256 mismatch"):
+    with pytest.raises(PortfolioError, match=r"l1\.safetensors\.zst.*sha256 mismatch"):
         PortfolioRuntime(copy, profile_batch_sizes=None)
     path.unlink()
-    with pytest.raises(PortfolioError, match=r"l1\.pt2\.zst"):
+    with pytest.raises(PortfolioError, match=r"l1\.safetensors\.zst"):
         PortfolioRuntime(copy, profile_batch_sizes=None)
 
 
@@ -259,11 +259,11 @@ def big_portfolio(tmp_path_factory):
     variants = []
     for level, (vid, sparsity) in enumerate((("wide", 0.0), ("wide_sparse", 0.9))):
         model = _imp_like(64, sparsity, seed=10 + level)
-        info = save_variant(model, torch.randn(2, 1, 8, 8), d / f"{vid}.pt2.zst")
+        info = save_variant(model, torch.randn(2, 1, 8, 8), d / f"{vid}.safetensors.zst")
         variants.append({"id": vid, "level": level, "sparsity": sparsity, "params": 0, "nonzero_params": 0,
                          "macs": 0, "latency_ms": {"1": 1.0, "8": 2.0}, "accuracy": 0.9 - 0.1 * level,
                          "sparse_accuracy": None, "max_abs_diff": 0.0, **info})
-    write_manifest(d, {"format_version": 1, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
+    write_manifest(d, {"format_version": 2, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
                        "variants": variants})
     assert all(v["bytes_raw"] > 3 * FRAME_BYTES for v in variants)
     return d
@@ -271,7 +271,7 @@ def big_portfolio(tmp_path_factory):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_multi_frame_variants_inflate_exactly_on_any_thread_count(big_portfolio, x, threads):
-    refs = {vid: load_variant(big_portfolio / f"{vid}.pt2.zst") for vid in ("wide", "wide_sparse")}
+    refs = {vid: load_variant(big_portfolio / f"{vid}.safetensors.zst") for vid in ("wide", "wide_sparse")}
     rt = PortfolioRuntime(big_portfolio, profile_batch_sizes=None, inflate_threads=threads)
     assert len(rt._variants["wide"].frame_sizes) > 3
     for vid in ("wide_sparse", "wide", "wide_sparse"):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from dnnshifter_lightning import serving
+from dnnshifter_lightning.portfolio import VARIANT_SUFFIX
 from dnnshifter_lightning.runtime import PortfolioRuntime
 from dnnshifter_lightning.serving import (
     PIN_HEADER, JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches, run_load,
@@ -260,7 +261,7 @@ def test_burst_switches_down_and_light_load_climbs_back(server, local):
 def test_corrupt_portfolio_is_refused_with_a_clear_log_line(server, portfolio, store, tmp_path):
     bad = tmp_path / "bad_portfolio"
     shutil.copytree(portfolio, bad)
-    victim = bad / "variants" / "level_01.pt2.zst"
+    victim = bad / "variants" / f"level_01{VARIANT_SUFFIX}"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -272,7 +273,7 @@ def test_corrupt_portfolio_is_refused_with_a_clear_log_line(server, portfolio, s
         assert time.monotonic() < deadline, server.log_text("model_log.log")
         time.sleep(0.2)
     line = server._refusal()
-    assert "level_01.pt2.zst" in line and "sha256" in line
+    assert f"level_01{VARIANT_SUFFIX}" in line and "sha256" in line
     server.management("DELETE", "/models/corrupt")
     assert server.model_status("corrupt") is None
     x, _ = digits_samples(1)
