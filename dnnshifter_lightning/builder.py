@@ -48,14 +48,14 @@ from torch import nn
 
 from . import __version__
 from .portfolio import (
-    MANIFEST_NAME, VARIANT_SUFFIX, ZSTD_LEVEL, load_variant, save_variant, sort_variants,
+    MANIFEST_NAME, VARIANT_SUFFIX, ZSTD_LEVEL, export_variant, load_variant, save_variant, sort_variants,
     verify_portfolio, write_manifest,
 )
 from .profile import count_macs, count_nonzero, count_params, measure_accuracy, measure_latency_ms, state_bytes
 from .profile import unpack_batch as unpack_batch_default
 
 __all__ = ["build_portfolio", "PortfolioBuilder", "portfolio_build_command", "portfolio_show_command",
-           "portfolio_table", "import_object", "resolve_input", "batch_unpacker", "first_loader", "unwrap_compiled",
+           "portfolio_table", "import_object", "check_build", "resolve_input", "batch_unpacker", "first_loader", "unwrap_compiled",
            "parse_input_shape"]
 
 CHECKPOINT_KEY = "dnnshifter"
@@ -377,21 +377,39 @@ def _module_loader(module_loader: type | Callable[[Path], nn.Module]) -> Callabl
     return (lambda p: load(p, map_location="cpu", strict=True)) if load is not None else module_loader  # type: ignore[misc,return-value]
 
 
-def _build_one(path: Path, loader: Callable[[Path], nn.Module], out: Path, dataloader: Iterable[Any] | None,
-               example: torch.Tensor, num_classes: int | None, warmup: int, repeats: int,
-               unpack: Unpack = unpack_batch_default) -> dict[str, Any]:
-    # The user's own training output: the same trust as load_from_checkpoint, which unpickles it too.
-    meta = torch.load(path, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY) or {}
+def _load_sparse(path: Path, loader: Callable[[Path], nn.Module], example: torch.Tensor,
+                 num_classes: int | None) -> tuple[nn.Module, int]:
+    """The checkpoint's module, unwrapped from torch.compile, in eval mode on the CPU; its class count."""
     sparse = unwrap_compiled(loader(path)).eval().cpu()
-    match = _LEVEL_RE.search(path.name)
-    level = int(meta.get("level", match.group(1) if match else 0))
-    sparsity = float(meta["sparsity"]) if "sparsity" in meta else _sparsity(sparse)
     with torch.inference_mode():
         out_shape = sparse(example[:1]).shape
     if len(out_shape) != 2:
         raise ValueError(f"{path.name}: the model's output has shape {list(out_shape)}; a portfolio serves "
                          f"classifiers whose forward returns (batch, classes) scores")
-    classes = num_classes or int(out_shape[-1])
+    return sparse, num_classes or int(out_shape[-1])
+
+
+def check_build(path: Path, loader: Callable[[Path], nn.Module], example: torch.Tensor,
+                batches: Iterable[Any] | None, num_classes: int | None = None,
+                unpack: Unpack = unpack_batch_default) -> None:
+    """Every step of a variant's build that can fail, without measuring or writing it: load the
+    checkpoint, run the batches (and their labels), trace and prune, export. About half the time of
+    building the variant; the dependency analysis it caches is reused by the build."""
+    sparse, classes = _load_sparse(path, loader, example, num_classes)
+    if batches is not None:
+        measure_accuracy(sparse, batches, classes, unpack)
+    export_variant(_prune(sparse, (example,)).model, example[:2])
+
+
+def _build_one(path: Path, loader: Callable[[Path], nn.Module], out: Path, dataloader: Iterable[Any] | None,
+               example: torch.Tensor, num_classes: int | None, warmup: int, repeats: int,
+               unpack: Unpack = unpack_batch_default) -> dict[str, Any]:
+    # The user's own training output: the same trust as load_from_checkpoint, which unpickles it too.
+    meta = torch.load(path, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY) or {}
+    sparse, classes = _load_sparse(path, loader, example, num_classes)
+    match = _LEVEL_RE.search(path.name)
+    level = int(meta.get("level", match.group(1) if match else 0))
+    sparsity = float(meta["sparsity"]) if "sparsity" in meta else _sparsity(sparse)
     sparse_acc = measure_accuracy(sparse, dataloader, classes, unpack) if dataloader is not None else None
     sparse_stats = _measure(sparse, example, warmup, repeats)
     sparse_stats["bytes_raw"] = state_bytes(sparse)
@@ -486,10 +504,11 @@ class PortfolioBuilder(Callback):
       (``mean``, ``std``), ``class_names`` and ``color`` for the servers.
 
     Every check that can run before training does, in ``on_fit_start``: the checkpoint directory,
-    the input shape, reading the validation batches, and (``dry_run=True``) the whole build of one
-    variant from the initial weights (load with ``load_from_checkpoint``, trace, prune, export,
-    reload; about as long as building one level), so a model that cannot be traced or exported
-    fails before the first epoch rather than after the last. Under DDP rank 0 checks and every rank
+    the input shape, reading the validation batches, and (``dry_run=True``) the build of one
+    variant from the initial weights (:func:`check_build`: load with ``load_from_checkpoint``, run a
+    validation batch, trace, prune, export; 0.6 s for a digits CNN whose analysis is cached, 2.1-2.3 s
+    cold, on a 2-core Xeon), so a model that cannot be rebuilt, traced or exported fails
+    before the first epoch rather than after the last. Under DDP rank 0 checks and every rank
     raises its error. The manifest is kept on ``self.manifest``.
 
     Args:
@@ -502,7 +521,7 @@ class PortfolioBuilder(Callback):
         unpack_batch: ``batch -> (inputs, targets)``, for batches of any other form.
         latency_warmup, latency_repeats: latency measurement.
         plot: write ``portfolio.png``.
-        dry_run: build one variant from the initial weights in ``on_fit_start``.
+        dry_run: check the build of one variant from the initial weights in ``on_fit_start``.
 
     Raises:
         ValueError: in ``on_fit_start``, when there is no checkpoint directory, no input shape
@@ -587,13 +606,13 @@ class PortfolioBuilder(Callback):
 
     def _dry_run(self, trainer: L.Trainer, pl_module: L.LightningModule, example: torch.Tensor,
                  val_loader: Iterable[Any] | None) -> None:
-        """Build one variant from the initial weights, through the same code as the real build."""
+        """Check one variant's build from the initial weights, through the same code as the real build."""
         tmp = Path(tempfile.mkdtemp(prefix="dnnshifter-dry-run-"))
         try:
             path = tmp / "level_00.ckpt"
             torch.save(trainer._checkpoint_connector.dump_checkpoint(weights_only=True), path)
             batch = [next(iter(val_loader))] if val_loader is not None else None
-            _build_one(path, _module_loader(type(pl_module)), tmp, batch, example, self.num_classes, 0, 1, self.unpack)
+            check_build(path, _module_loader(type(pl_module)), example, batch, self.num_classes, self.unpack)
         except Exception as exc:
             raise ValueError(f"PortfolioBuilder's check before training (building a variant from the initial "
                             f"weights) failed; fix this first, or pass dry_run=False: {exc}") from exc
