@@ -55,7 +55,7 @@ from .profile import count_macs, count_nonzero, count_params, measure_accuracy, 
 from .profile import unpack_batch as unpack_batch_default
 
 __all__ = ["build_portfolio", "PortfolioBuilder", "portfolio_build_command", "portfolio_show_command",
-           "portfolio_table", "import_object", "check_build", "resolve_input", "batch_unpacker", "first_loader", "unwrap_compiled",
+           "portfolio_table", "import_object", "resolve_input", "batch_unpacker", "first_loader", "unwrap_compiled",
            "parse_input_shape"]
 
 CHECKPOINT_KEY = "dnnshifter"

@@ -305,7 +305,8 @@ class IterativeMagnitudePruning(Callback):
     def _steps_per_epoch(trainer: L.Trainer) -> int:
         batches = trainer.num_training_batches
         if batches == float("inf"):
-            raise ValueError("IterativeMagnitudePruning needs a training loader with a length (or limit_train_batches)")
+            raise ValueError("the length of a level in steps is unknown: the training loader has no length "
+                             "(set limit_train_batches to an int)")
         return max(1, -(-int(batches) // trainer.accumulate_grad_batches))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -405,7 +406,7 @@ class IterativeMagnitudePruning(Callback):
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.rewind_unit == "it":
+        if self.rewind_unit == "it" and trainer.num_training_batches != float("inf"):
             steps_per_epoch = self._steps_per_epoch(trainer)
             end_of_level0 = steps_per_epoch * self.epochs_per_level
             if self.rewind_amount > end_of_level0:
