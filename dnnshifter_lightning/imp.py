@@ -304,9 +304,12 @@ class IterativeMagnitudePruning(Callback):
     @staticmethod
     def _steps_per_epoch(trainer: L.Trainer) -> int:
         batches = trainer.num_training_batches
-        if batches == float("inf"):
-            raise ValueError("the length of a level in steps is unknown: the training loader has no length "
-                             "(set limit_train_batches to an int)")
+        if batches == float("inf"):  # before the training data is set up, e.g. in configure_optimizers
+            total = trainer.estimated_stepping_batches  # sets it up
+            if total == float("inf") or not trainer.max_epochs or trainer.max_epochs < 1:
+                raise ValueError("the length of a level in steps is unknown: the training loader has no length "
+                                 "(set limit_train_batches to an int)")
+            return max(1, int(total) // trainer.max_epochs)
         return max(1, -(-int(batches) // trainer.accumulate_grad_batches))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

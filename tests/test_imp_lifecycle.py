@@ -116,7 +116,11 @@ class OneCycle(DigitsClassifier):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-        total = self.total_steps or int(self.trainer.estimated_stepping_batches)  # the usual recipe: the whole fit
+        if self.total_steps == -1:  # the helper
+            imp = next(cb for cb in self.trainer.callbacks if isinstance(cb, IterativeMagnitudePruning))
+            total = imp.scheduler_steps(self.trainer)
+        else:
+            total = self.total_steps or int(self.trainer.estimated_stepping_batches)  # the usual recipe: the whole fit
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -129,11 +133,12 @@ def test_a_one_cycle_schedule_over_the_whole_fit_is_refused_with_the_right_total
     trainer = make_trainer(imp, tmp_path, extra_callbacks=[Untouched()], limit_val_batches=1)
     with pytest.raises(ValueError, match=r"OneCycleLR\(total_steps=8, interval='step'\).*Use total_steps=6"):
         trainer.fit(model, datamodule=small_datamodule(train_limit=128, batch_size=32))
-    # The value it names trains every level through (a shorter schedule raises "Tried to step").
+    # The value it names (here from the helper, in configure_optimizers) trains every level through;
+    # a shorter schedule would raise "Tried to step".
     imp = IterativeMagnitudePruning(levels=1, epochs_per_level=1, rewind_to="2it", checkpoint_dir=tmp_path / "imp2",
                                     verbose=False)
     trainer = make_trainer(imp, tmp_path, limit_val_batches=1)
-    trainer.fit(OneCycle(width=4, total_steps=6), datamodule=small_datamodule(train_limit=128, batch_size=32))
+    trainer.fit(OneCycle(width=4, total_steps=-1), datamodule=small_datamodule(train_limit=128, batch_size=32))
     assert _level_files(tmp_path / "imp2") == ["level_00.ckpt", "level_01.ckpt"]
     assert imp.scheduler_steps(trainer) == 6 and imp.scheduler_steps(trainer, "epoch") == 1
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6  # level 1 annealed to the end
