@@ -2,6 +2,7 @@
 
     dnnshifter demo --out DIR
     dnnshifter portfolio build CKPT_DIR --model package.module:Class --out DIR [--datamodule package.module:Class]
+                                    [--input-shape C,H,W] [--input-key K --target-key K]
     dnnshifter portfolio show DIR
     dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE
     dnnshifter serve STORE --model NAME [--no-auth] [--enable-model-api]
@@ -63,12 +64,16 @@ def portfolio_build(
     model: str = typer.Option(..., "--model", help="The LightningModule class, as package.module:Class."),
     out: Path = typer.Option(..., "--out", help="Portfolio directory to write."),
     datamodule: Optional[str] = typer.Option(None, "--datamodule", help="package.module:Class whose val_dataloader() measures accuracy."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape without batch, e.g. 3,32,32 (default: the model's example_input_array or the validation batches)."),
+    input_key: Optional[str] = typer.Option(None, "--input-key", help="Key of the inputs in dict batches."),
+    target_key: Optional[str] = typer.Option(None, "--target-key", help="Key of the labels in dict batches."),
 ) -> None:
     """Structurally prune level checkpoints trained elsewhere into a portfolio."""
     from .builder import portfolio_build_command
 
     try:
-        portfolio_build_command(ckpt_dir, model, out, datamodule)
+        portfolio_build_command(ckpt_dir, model, out, datamodule, input_shape=input_shape, input_key=input_key,
+                                target_key=target_key)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         _fail(exc)
 

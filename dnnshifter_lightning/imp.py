@@ -8,12 +8,15 @@ epochs. Between level L and level L+1 the callback:
 3. rewinds every weight and buffer (BN statistics too) to the rewind point, keeping the new masks;
 4. restores the optimizer and LR-scheduler states saved at the rewind point.
 
-Steps 1-4 run at the start of level L+1's first epoch, not at the end of level L's last epoch:
-Lightning steps epoch-interval LR schedulers *after* ``on_train_epoch_end``, so a reset there would
-leave the scheduler one step past the rewind point. Doing it at the start of the next epoch also
-means a checkpoint taken at the end of a level resumes through exactly the same code path.
+Step 1 runs when level L's last epoch ends (so a fit stopped right there keeps the level); steps 2-4
+run at the start of level L+1's first epoch: Lightning steps epoch-interval LR schedulers *after*
+``on_train_epoch_end``, so a reset there would leave the scheduler one step past the rewind point.
+A checkpoint taken at the end of a level therefore resumes through the same code path.
 
-The final level's checkpoint is written when training ends. ``levels=N`` gives N+1 checkpoints,
+Each level's LR schedule restarts from the rewind point, so a scheduler sized by a step count
+(``OneCycleLR(total_steps=...)``, ``CosineAnnealingLR(T_max=...)``) must cover one level from there:
+:meth:`IterativeMagnitudePruning.scheduler_steps` gives that count, and the callback refuses a
+scheduler sized otherwise before training. ``levels=N`` gives N+1 checkpoints,
 level L at weight sparsity ``1-(1-p)^L`` over the prunable weights, in ``(N+1) * epochs_per_level``
 epochs. The Trainer's ``max_epochs`` must equal that; the callback refuses to start otherwise and
 names the right value (it never changes your Trainer behind your back). ``callback.total_epochs``
@@ -47,6 +50,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from .masks import (
     DEFAULT_PRUNABLE_TYPES,
@@ -127,6 +131,27 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _validation_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """Every metric logged by the validation that just ended, whatever its name."""
+    results = getattr(trainer, "_results", None)  # the validation loop's own results (Lightning 2.x)
+    names = {getattr(getattr(r, "meta", None), "name", None) for r in results.values()} if results is not None else None
+    metrics = {}
+    for key, value in trainer.callback_metrics.items():
+        base = key.split("/dataloader_idx_")[0]
+        if (base in names) if names is not None else ("val" in key.lower()):
+            metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
+    return metrics
+
+
+def _random_samplers(loaders: Any) -> list[torch.utils.data.RandomSampler]:
+    found = []
+    for loader in tree_flatten(loaders)[0]:
+        for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+            if isinstance(sampler, torch.utils.data.RandomSampler) and sampler not in found:
+                found.append(sampler)
+    return found
 
 
 class IterativeMagnitudePruning(Callback):
@@ -215,7 +240,8 @@ class IterativeMagnitudePruning(Callback):
         self.epochs_per_level = epochs_per_level
         self.prune_fraction = float(prune_fraction)
         self.rewind_to = rewind_to
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._checkpoint_dir_arg = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_dir = self._checkpoint_dir_arg
         self.exclude = tuple(exclude)
         self.layer_prune_fractions = dict(layer_prune_fractions or {})
         self.prunable_types = tuple(prunable_types)
@@ -223,18 +249,26 @@ class IterativeMagnitudePruning(Callback):
         self.overwrite = overwrite
         self.verbose = verbose
 
+        self._weights: dict[str, nn.Parameter] = {}
+        self._enforcer: MaskEnforcer | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """A fresh IMP: every fit starts here, and a resumed one then loads its state over it."""
         # State saved with Lightning checkpoints.
         self.level = 0
         self.masks: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, Any]] = []
         self._rewind: dict[str, Any] | None = None
-        self._last_val_metrics: dict[str, float] = {}
+        # The last validation: {"level", "global_step", "metrics"}; a level records it only if it
+        # validated that level's final weights.
+        self._last_val: dict[str, Any] | None = None
         self._level_started_at: float | None = None
         self._level_seconds_before_resume = 0.0
         # Runtime only.
-        self._weights: dict[str, nn.Parameter] = {}
-        self._enforcer: MaskEnforcer | None = None
         self._restored = False
+        self._warned_no_metrics = False
+        self._sampler_seeds: dict[int, int] = {}
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -246,14 +280,56 @@ class IterativeMagnitudePruning(Callback):
         """``1 - (1 - prune_fraction) ** level``."""
         return 1.0 - (1.0 - self.prune_fraction) ** level
 
+    def scheduler_steps(self, trainer: L.Trainer, interval: str = "step") -> int:
+        """The length a step-count-sized LR scheduler needs: the rewind point plus one level.
+
+        Every level restarts the schedule where it stood at the rewind point and then trains
+        ``epochs_per_level`` epochs, so ``OneCycleLR(total_steps=...)``, ``CosineAnnealingLR(T_max=...)``,
+        ``LinearLR``/``PolynomialLR(total_iters=...)`` must count that many steps (``interval="step"``,
+        optimizer steps) or epochs (``interval="epoch"``). Usable in ``configure_optimizers``::
+
+            imp = next(cb for cb in self.trainer.callbacks if isinstance(cb, IterativeMagnitudePruning))
+            OneCycleLR(opt, max_lr=0.1, total_steps=imp.scheduler_steps(self.trainer))
+        """
+        if interval == "epoch":
+            rewind_epochs = self.rewind_amount if self.rewind_unit == "ep" else \
+                self.rewind_amount // self._steps_per_epoch(trainer)
+            return rewind_epochs + self.epochs_per_level
+        if interval != "step":
+            raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
+        per_epoch = self._steps_per_epoch(trainer)
+        rewind_steps = self.rewind_amount if self.rewind_unit == "it" else self.rewind_amount * per_epoch
+        return rewind_steps + per_epoch * self.epochs_per_level
+
+    @staticmethod
+    def _steps_per_epoch(trainer: L.Trainer) -> int:
+        batches = trainer.num_training_batches
+        if batches == float("inf"):  # before the training data is set up, e.g. in configure_optimizers
+            total = trainer.estimated_stepping_batches  # sets it up
+            if total == float("inf") or not trainer.max_epochs or trainer.max_epochs < 1:
+                raise ValueError("the length of a level in steps is unknown: the training loader has no length "
+                                 "(set limit_train_batches to an int)")
+            return max(1, int(total) // trainer.max_epochs)
+        return max(1, -(-int(batches) // trainer.accumulate_grad_batches))
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # A new fit (a notebook cell run again, a sweep) starts a fresh IMP; a resumed fit's state is
+        # loaded by Lightning after `setup`, over this.
+        self._reset()
+        self.checkpoint_dir = self._checkpoint_dir_arg
         strategy = type(trainer.strategy).__name__
         if strategy in _UNSUPPORTED_STRATEGIES:
             raise ValueError(
                 f"IterativeMagnitudePruning does not support {strategy}: it shards parameters, so global "
                 f"magnitude ranks and masks would be computed on shards. Use strategy='ddp' (or a single device)."
+            )
+        if trainer.max_steps not in (-1, None):
+            raise ValueError(
+                f"Trainer(max_steps={trainer.max_steps}) would cut IMP short: IMP counts epochs. Leave max_steps "
+                f"unset and create the Trainer with max_epochs={self.total_epochs} "
+                f"(({self.levels}+1)*{self.epochs_per_level}; got max_epochs={trainer.max_epochs})."
             )
         if trainer.max_epochs != self.total_epochs:
             raise ValueError(
@@ -261,15 +337,13 @@ class IterativeMagnitudePruning(Callback):
                 f"trains ({self.levels}+1)*{self.epochs_per_level} = {self.total_epochs} epochs: create the "
                 f"Trainer with max_epochs={self.total_epochs} (got max_epochs={trainer.max_epochs})."
             )
-        if trainer.max_steps not in (-1, None):
-            raise ValueError(
-                f"Trainer(max_steps={trainer.max_steps}) would cut IMP short: leave max_steps unset and use "
-                f"max_epochs={self.total_epochs}."
-            )
         if any(isinstance(cb, EarlyStopping) for cb in trainer.callbacks):
             raise ValueError(
-                "EarlyStopping cannot be combined with IterativeMagnitudePruning: stopping early would end IMP "
-                "before its last level. Remove EarlyStopping, or choose fewer epochs_per_level."
+                "EarlyStopping cannot be combined with IterativeMagnitudePruning: it would end the whole fit, and "
+                "IMP with it, before the last level. Remove EarlyStopping. Every level trains epochs_per_level "
+                "epochs and records its own final validation metrics; to keep each level's best epoch instead, "
+                "add a ModelCheckpoint(monitor=...) per run, and to train less, lower epochs_per_level (and "
+                f"max_epochs to match: (levels+1)*epochs_per_level)."
             )
         if not pl_module.automatic_optimization and trainer.accumulate_grad_batches != 1:
             raise ValueError("manual optimization with accumulate_grad_batches is not supported")
@@ -312,7 +386,7 @@ class IterativeMagnitudePruning(Callback):
             "masks": {k: v.cpu() for k, v in self.masks.items()},
             "rewind": self._rewind,
             "history": self.history,
-            "last_val_metrics": self._last_val_metrics,
+            "last_val": self._last_val,
             "level_seconds": elapsed,
         }
 
@@ -329,20 +403,21 @@ class IterativeMagnitudePruning(Callback):
         self.masks = {k: v.to(torch.bool) for k, v in state_dict["masks"].items()}
         self._rewind = state_dict["rewind"]
         self.history = list(state_dict["history"])
-        self._last_val_metrics = dict(state_dict["last_val_metrics"])
+        self._last_val = state_dict.get("last_val")
         self._level_seconds_before_resume = float(state_dict.get("level_seconds", 0.0))
         self._restored = True
 
     # ------------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.rewind_unit == "it":
-            steps_per_epoch = max(1, -(-trainer.num_training_batches // trainer.accumulate_grad_batches))
+        if self.rewind_unit == "it" and trainer.num_training_batches != float("inf"):
+            steps_per_epoch = self._steps_per_epoch(trainer)
             end_of_level0 = steps_per_epoch * self.epochs_per_level
             if self.rewind_amount > end_of_level0:
                 raise ValueError(
                     f"rewind_to={self.rewind_to!r} is later than the end of level 0 ({end_of_level0} optimizer "
                     f"steps = {self.epochs_per_level} epochs x {steps_per_epoch} steps): use at most {end_of_level0}."
                 )
+        self._check_schedulers(trainer)
         # Lightning restores callback state after `setup`, so whether this is a resume is known only here.
         existing = sorted(self.checkpoint_dir.glob("level_*.ckpt")) if self.checkpoint_dir.exists() else []
         if existing and not self._restored and not self.overwrite:
@@ -371,10 +446,20 @@ class IterativeMagnitudePruning(Callback):
         due_level = min(epoch // self.epochs_per_level, self.levels)
         if self.level < due_level:
             self._maybe_capture_rewind(trainer, pl_module, at_level_end=True)
-            self._finish_level(trainer, pl_module)
+            if not self._level_written():  # resumed from a checkpoint saved before the level's end hook
+                self._finish_level(trainer, pl_module)
             self._start_next_level(trainer, pl_module)
         if self.rewind_unit == "ep":
             self._maybe_capture_rewind(trainer, pl_module)
+        self._seed_train_samplers(trainer, epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The level's checkpoint is written now, so a fit that stops at the boundary keeps it.
+        # Pruning and rewinding wait for the next epoch (see the module docstring).
+        if (trainer.current_epoch + 1) % self.epochs_per_level == 0 and not self._level_written():
+            self._finish_level(trainer, pl_module)
+            if self.level == self.levels:
+                self._print_table()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -384,22 +469,15 @@ class IterativeMagnitudePruning(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        metrics = {}
-        for key, value in trainer.callback_metrics.items():
-            if "val" in key.lower():
-                metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
-        self._last_val_metrics = metrics
+        self._last_val = {"level": self.level, "global_step": trainer.global_step,
+                          "metrics": _validation_metrics(trainer)}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch >= self.total_epochs and self.level == self.levels and (
-            not self.history or self.history[-1]["level"] < self.levels
-        ):
-            self._finish_level(trainer, pl_module)
-            self._print_table()
-        elif trainer.current_epoch < self.total_epochs:
+        if trainer.current_epoch < self.total_epochs or not self._level_written() or self.level < self.levels:
             rank_zero_warn(
                 f"IMP stopped at epoch {trainer.current_epoch} of {self.total_epochs} (level {self.level} of "
-                f"{self.levels}); resume with trainer.fit(..., ckpt_path=...) to finish the remaining levels."
+                f"{self.levels}, {len(self.history)} level checkpoints written); resume with "
+                f"trainer.fit(..., ckpt_path=...) to finish the remaining levels."
             )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -425,6 +503,60 @@ class IterativeMagnitudePruning(Callback):
             "schedulers": [_cpu_clone(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
         }
 
+    def _level_written(self) -> bool:
+        return bool(self.history) and self.history[-1]["level"] == self.level
+
+    def _level_metrics(self, trainer: L.Trainer) -> dict[str, float]:
+        """The validation of this level's final weights, or {} (with one warning per fit)."""
+        last = self._last_val
+        if last is not None and last["level"] == self.level and last["global_step"] == trainer.global_step:
+            return dict(last["metrics"])
+        if not self._warned_no_metrics:
+            self._warned_no_metrics = True
+            seen = ("no validation ran in this level" if last is None or last["level"] != self.level else
+                    f"its last validation was at step {last['global_step']}, before the level ended at step "
+                    f"{trainer.global_step}")
+            rank_zero_warn(
+                f"IMP level {self.level} records no validation metrics: {seen}. A level records only a validation "
+                f"of its own final weights: validate at every level's last epoch (check_val_every_n_epoch dividing "
+                f"epochs_per_level={self.epochs_per_level}, val_check_interval=1.0, limit_val_batches > 0). "
+                f"This warning is shown once per fit.")
+        return {}
+
+    def _check_schedulers(self, trainer: L.Trainer) -> None:
+        """Refuse a scheduler sized by a step count that one level from the rewind point does not match."""
+        for cfg in trainer.lr_scheduler_configs:
+            sched = cfg.scheduler
+            for attr, exact in (("total_steps", True), ("T_max", False), ("total_iters", False)):
+                length = getattr(sched, attr, None)
+                if not isinstance(length, int) or isinstance(length, bool):
+                    continue
+                interval = cfg.interval if cfg.interval in ("step", "epoch") else "epoch"
+                need = -(-self.scheduler_steps(trainer, interval) // max(1, cfg.frequency))
+                if length > need or (exact and length != need):
+                    raise ValueError(
+                        f"{type(sched).__name__}({attr}={length}, interval={interval!r}) does not fit IMP: every level "
+                        f"restarts the schedule at the rewind point and then trains one level, so it must count "
+                        f"{need} {interval}s (rewind point + {self.epochs_per_level} epochs of one level, not the whole "
+                        f"fit). Use {attr}={need}; imp.scheduler_steps(trainer, {interval!r}) gives it in "
+                        f"configure_optimizers.")
+
+    def _seed_train_samplers(self, trainer: L.Trainer, epoch: int) -> None:
+        """Seed each shuffling RandomSampler by its epoch, so a resumed run sees the same order.
+
+        Lightning does not checkpoint a sampler's generator, so without this a resumed run reshuffles
+        from the generator's initial state. The seed is the generator's own initial seed (or torch's,
+        as ``seed_everything`` sets it) plus the epoch. The sampler gets a generator of its own: the
+        DataLoader draws its workers' base seed from the generator it was given, and for the first
+        epoch of a fit it does so before this hook. DistributedSampler is already seeded by its epoch.
+        """
+        for sampler in _random_samplers(trainer.train_dataloader):
+            key = id(sampler)
+            if key not in self._sampler_seeds:
+                generator = sampler.generator
+                self._sampler_seeds[key] = generator.initial_seed() if generator is not None else torch.initial_seed()
+            sampler.generator = torch.Generator().manual_seed(self._sampler_seeds[key] + epoch)
+
     @torch.no_grad()
     def _finish_level(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the sparse checkpoint of the level just trained, log it, record it."""
@@ -434,6 +566,7 @@ class IterativeMagnitudePruning(Callback):
                 rank_zero_warn(f"pruned entries of {name} were non-zero at the end of level {self.level}; re-zeroed")
                 w.mul_(m.to(w.dtype))
         surviving, prunable = count_surviving(self.masks)
+        metrics = self._level_metrics(trainer)
         seconds = self._level_seconds_before_resume + (
             time.perf_counter() - self._level_started_at if self._level_started_at is not None else 0.0)
         row = {
@@ -442,9 +575,9 @@ class IterativeMagnitudePruning(Callback):
             "target_sparsity": self.target_sparsity(self.level),
             "surviving": surviving,
             "prunable": prunable,
-            "metrics": dict(self._last_val_metrics),
+            "metrics": metrics,
             "seconds": seconds,
-            "epoch": trainer.current_epoch,
+            "epoch": (self.level + 1) * self.epochs_per_level - 1,  # the level's last epoch
             "global_step": trainer.global_step,
             "mask_sha256": mask_digest(self.masks),
             "path": str(self.checkpoint_dir / f"level_{self.level:02d}.ckpt"),
@@ -465,6 +598,7 @@ class IterativeMagnitudePruning(Callback):
 
     def _write_level_checkpoint(self, trainer: L.Trainer, row: dict[str, Any]) -> None:
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+        checkpoint["epoch"] = row["epoch"]  # the same whether written at the level's end or on resume
         checkpoint[CHECKPOINT_KEY] = {
             "format": 1,
             "level": self.level,

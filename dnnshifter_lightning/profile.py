@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torchmetrics
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_nonzero", "count_macs", "measure_latency_ms", "measure_accuracy", "state_bytes"]
+__all__ = ["count_params", "count_nonzero", "count_macs", "measure_latency_ms", "measure_accuracy", "state_bytes",
+           "unpack_batch", "INPUT_KEYS", "TARGET_KEYS"]
 
 
 def _tensors(module: nn.Module, buffers: bool) -> Iterable[torch.Tensor]:
@@ -123,18 +124,61 @@ def measure_latency_ms(module: nn.Module, example_input_batch: torch.Tensor, war
     return float(statistics.median(times))
 
 
-def _batch_xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+#: Dict-batch keys tried, in order, for the input and for the labels when none are named.
+INPUT_KEYS = ("x", "input", "inputs", "image", "images", "img", "pixel_values", "data", "features")
+TARGET_KEYS = ("y", "target", "targets", "label", "labels", "class", "cls")
+
+
+def unpack_batch(batch: Any, input_key: str | None = None, target_key: str | None = None) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of one batch; the one place the library reads a user's batch.
+
+    A tuple or list is ``(inputs, targets, *anything)`` (a single tensor is inputs without
+    targets). A dict (``{"image": x, "label": y}``) is read at ``input_key``/``target_key``, or
+    else at the first of :data:`INPUT_KEYS` / :data:`TARGET_KEYS` it has. ``targets`` is ``None``
+    when the batch has none.
+
+    Raises:
+        ValueError: a dict batch without a known (or the named) input key, naming the keys it has.
+
+    Example::
+
+        >>> import torch
+        >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+        >>> unpack_batch((x, y))[1].tolist(), unpack_batch({"image": x, "label": y})[1].tolist()
+        ([0, 1], [0, 1])
+        >>> unpack_batch({"pixels": x, "digit": y}, input_key="pixels", target_key="digit")[1].tolist()
+        [0, 1]
+        >>> unpack_batch({"pixels": x})
+        Traceback (most recent call last):
+            ...
+        ValueError: a dict batch with keys ['pixels'] has none of the input keys ...
+    """
     if isinstance(batch, dict):
-        return batch["x"] if "x" in batch else batch["input"], batch["y"] if "y" in batch else batch["target"]
-    x, y = batch[0], batch[1]
-    return x, y
+        keys = list(batch)
+        ikey = input_key or next((k for k in INPUT_KEYS if k in batch), None)
+        if ikey is None or ikey not in batch:
+            wanted = [input_key] if input_key else list(INPUT_KEYS)
+            raise ValueError(
+                f"a dict batch with keys {keys} has none of the input keys {wanted}: name them with "
+                f"input_key=... and target_key=... (or pass unpack_batch=a callable batch -> (inputs, targets))")
+        if target_key is not None and target_key not in batch:
+            raise ValueError(f"a dict batch with keys {keys} has no target_key={target_key!r}")
+        tkey = target_key or next((k for k in TARGET_KEYS if k in batch), None)
+        return batch[ikey], (batch[tkey] if tkey is not None else None)
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise ValueError(f"cannot read inputs from a batch of type {type(batch).__name__}: pass unpack_batch=a callable "
+                     f"batch -> (inputs, targets)")
 
 
-def measure_accuracy(module: nn.Module, dataloader: Iterable[Any], num_classes: int) -> float:
+def measure_accuracy(module: nn.Module, dataloader: Iterable[Any], num_classes: int,
+                     unpack: Callable[[Any], tuple[Any, Any]] = unpack_batch) -> float:
     """Top-1 accuracy (micro average) of ``module`` over ``dataloader`` with torchmetrics.
 
-    Batches are ``(inputs, targets)`` tuples/lists or dicts with ``x``/``y`` keys. The module is
-    put in eval mode.
+    ``unpack`` turns a batch into ``(inputs, targets)`` (default :func:`unpack_batch`: tuples,
+    lists, or dicts such as ``{"image": x, "label": y}``). The module is put in eval mode.
 
     Example::
 
@@ -147,7 +191,7 @@ def measure_accuracy(module: nn.Module, dataloader: Iterable[Any], num_classes: 
         ...     _ = sign.weight.copy_(torch.tensor([[-1.0], [1.0]])), sign.bias.zero_()
         >>> measure_accuracy(sign, [(x, y)], num_classes=2)
         0.75
-        >>> measure_accuracy(sign, [{"x": x[:2], "y": y[:2]}], num_classes=2)   # dict batches work too
+        >>> measure_accuracy(sign, [{"image": x[:2], "label": y[:2]}], num_classes=2)   # dict batches work too
         1.0
     """
     module.eval()
@@ -155,7 +199,9 @@ def measure_accuracy(module: nn.Module, dataloader: Iterable[Any], num_classes: 
     seen = 0
     with torch.inference_mode():
         for batch in dataloader:
-            x, y = _batch_xy(batch)
+            x, y = unpack(batch)
+            if y is None:
+                raise ValueError("measure_accuracy: a batch has no targets (labels)")
             metric.update(module(x), y)
             seen += len(y)
     if seen == 0:

@@ -47,3 +47,20 @@ def new_model(**kwargs: Any) -> DigitsClassifier:
     opts = dict(width=8)
     opts.update(kwargs)
     return DigitsClassifier(**opts)
+
+
+class ShapeFromExampleInput(DigitsClassifier):
+    """A DigitsClassifier that gives its input only the Lightning way: ``example_input_array``
+    set on the instance (no ``input_spec`` attribute)."""
+
+    input_spec = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.example_input_array = torch.zeros(1, 1, 8, 8)
+
+
+class NoInputHints(DigitsClassifier):
+    """A DigitsClassifier with neither ``input_spec`` nor ``example_input_array``."""
+
+    input_spec = None

@@ -194,3 +194,159 @@ def test_build_with_a_plain_module_loader(level_ckpts: Path, tmp_path: Path) -> 
     (v,) = manifest["variants"]
     assert v["id"] == "level_02" and v["accuracy"] is None and v["max_abs_diff"] < 1e-3
     assert not (tmp_path / "portfolio.png").exists()
+
+
+# ------------------------------------------------- Lightning's conventions, checked before training
+
+class _DictDigits(torch.utils.data.Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+class DictBatchDigits(DigitsClassifier):
+    """Reads ``{"image": x, "label": y}`` batches, validates on several loaders, has no input_spec."""
+
+    input_spec = None
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["image"], batch["label"]), batch_idx)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch["image"], batch["label"]
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), add_dataloader_idx=True)
+
+
+def _fit_imp_and_builder(tmp_path: Path, model: L.LightningModule, *extra, levels: int = 1, **fit_kwargs) -> PortfolioBuilder:
+    from dnnshifter_lightning.imp import IterativeMagnitudePruning
+
+    imp = IterativeMagnitudePruning(levels=levels, epochs_per_level=1, prune_fraction=0.5,
+                                    checkpoint_dir=tmp_path / "imp", verbose=False)
+    pb = PortfolioBuilder(out_dir=tmp_path / "portfolio", latency_warmup=0, latency_repeats=1, plot=False)
+    trainer = _trainer(max_epochs=imp.total_epochs, callbacks=[imp, pb, *extra], limit_train_batches=2,
+                       limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(model, **fit_kwargs)
+    return pb
+
+
+def test_fit_with_dataloaders_dict_batches_and_two_val_loaders(tmp_path: Path) -> None:
+    """trainer.fit(model, train_dataloaders=..., val_dataloaders=[a, b]) with dict batches, no input_spec:
+    the shape comes from the validation batches and accuracy is measured on the first loader."""
+    from torch.utils.data import DataLoader
+
+    from dnnshifter_lightning.profile import measure_accuracy, unpack_batch
+
+    x, y = load_digits_tensors()
+    train = DataLoader(_DictDigits(x[:128], y[:128]), batch_size=64)
+    val_a, val_b = (DataLoader(_DictDigits(x[s], y[s]), batch_size=100) for s in (slice(1500, 1700), slice(1700, None)))
+    L.seed_everything(0, workers=True)
+    with pytest.warns(UserWarning, match="2 validation dataloaders given; accuracy is measured on the first"):
+        pb = _fit_imp_and_builder(tmp_path, DictBatchDigits(width=4), train_dataloaders=train,
+                                  val_dataloaders=[val_a, val_b])
+    manifest = pb.manifest
+    assert manifest["input_spec"] == {"shape": [1, 8, 8], "dtype": "float32"}
+    for v in manifest["variants"]:
+        sparse = DictBatchDigits.load_from_checkpoint(tmp_path / "imp" / v["checkpoint"], map_location="cpu")
+        # both accuracies are measured by the build, on the first loader, the same way
+        assert v["sparse_accuracy"] == pytest.approx(measure_accuracy(sparse, val_a, 10, unpack_batch), abs=1e-9)
+        assert v["accuracy"] == pytest.approx(v["sparse_accuracy"], abs=1e-9)
+
+
+class NotTraceable(DigitsClassifier):
+    """A forward with data-dependent control flow: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        return self.model(x) if bool(x.sum() > -1e9) else -self.model(x)
+
+
+class NoTrainingAllowed(L.Callback):
+    def on_train_batch_start(self, *args, **kwargs):
+        raise AssertionError("training started although the portfolio build could only fail")
+
+
+def test_a_model_that_cannot_be_pruned_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="check before training") as err:
+        _fit_imp_and_builder(tmp_path, NotTraceable(width=4), NoTrainingAllowed(),
+                             datamodule=DigitsDataModule(train_limit=64))
+    assert not list((tmp_path / "imp").glob("level_*.ckpt"))
+    assert "trace" in str(err.value).lower() or "symbolic" in str(err.value).lower()
+
+
+def test_unreadable_dict_batches_are_refused_before_training_and_the_keys_can_be_named(tmp_path: Path,
+                                                                                     level_ckpts: Path) -> None:
+    from torch.utils.data import DataLoader, default_collate
+
+    x, y = load_digits_tensors()
+    odd = DataLoader([{"pixels": a, "digit": b} for a, b in zip(x[:64], y[:64])], batch_size=32,
+                     collate_fn=default_collate)
+    with pytest.raises(ValueError, match=r"keys \['pixels', 'digit'\] has none of the input keys"):
+        _fit_imp_and_builder(tmp_path, DigitsClassifier(width=4), NoTrainingAllowed(),
+                             train_dataloaders=DataLoader(list(zip(x[:64], y[:64])), batch_size=32),
+                             val_dataloaders=odd)
+    from dnnshifter_lightning.builder import batch_unpacker
+
+    manifest = build_portfolio(sorted(level_ckpts.glob("level_*.ckpt"))[-1:], DigitsClassifier, tmp_path / "p", odd,
+                               unpack=batch_unpacker("pixels", "digit"), latency_repeats=1, plot=False)
+    assert manifest["variants"][0]["accuracy"] is not None and manifest["input_spec"]["shape"] == [1, 8, 8]
+
+
+def test_the_shape_from_example_input_array_when_there_is_no_validation_data(tmp_path: Path) -> None:
+    from imp_helpers import ShapeFromExampleInput
+
+    class TrainOnly(DigitsDataModule):
+        val_dataloader = None  # type: ignore[assignment]
+        input_spec = None
+
+    L.seed_everything(0, workers=True)
+    with pytest.warns(UserWarning, match="no validation data; accuracies will be null"):
+        pb = _fit_imp_and_builder(tmp_path, ShapeFromExampleInput(width=4), levels=0,
+                                  datamodule=TrainOnly(train_limit=64))
+    assert pb.manifest["input_spec"] == {"shape": [1, 8, 8], "dtype": "float32"}
+    assert pb.manifest["variants"][0]["accuracy"] is None
+
+
+def test_an_inner_torch_compile_submodule_is_unwrapped_for_pruning(tmp_path: Path) -> None:
+    class Compiled(DigitsClassifier):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.model = torch.compile(self.model, backend="eager")  # the usual `self.net = torch.compile(net)`
+
+    L.seed_everything(0, workers=True)
+    pb = _fit_imp_and_builder(tmp_path, Compiled(width=4), datamodule=DigitsDataModule(train_limit=64))
+    assert sorted(v["level"] for v in pb.manifest["variants"]) == [0, 1]
+    x, _ = load_digits_tensors()
+    for v in pb.manifest["variants"]:
+        sparse = Compiled.load_from_checkpoint(tmp_path / "imp" / v["checkpoint"], map_location="cpu").eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(load_variant(tmp_path / "portfolio" / v["file"])(x[:64]), sparse(x[:64]),
+                                       rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture()
+def one_level(level_ckpts: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    d = tmp_path / "one"
+    d.mkdir()
+    shutil.copy(level_ckpts / "level_02.ckpt", d)
+    return d
+
+
+def test_cli_without_any_shape_names_the_three_ways(one_level: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="accuracies will be null"), \
+            pytest.raises(ValueError, match=r"--input-shape C,H,W.*example_input_array.*--datamodule"):
+        portfolio_build_command(one_level, "imp_helpers:NoInputHints", tmp_path / "p")
+
+
+def test_cli_input_shape_and_the_loaded_instance_attributes(one_level: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="accuracies will be null"):
+        by_flag = portfolio_build_command(one_level, "imp_helpers:NoInputHints", tmp_path / "a", input_shape="1,8,8")
+    with pytest.warns(UserWarning, match="accuracies will be null"):
+        by_attr = portfolio_build_command(one_level, "imp_helpers:ShapeFromExampleInput", tmp_path / "b")
+    assert by_flag["input_spec"] == by_attr["input_spec"] == {"shape": [1, 8, 8], "dtype": "float32"}
+    assert by_flag["variants"][0]["params"] == by_attr["variants"][0]["params"]
