@@ -63,6 +63,8 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "responseTimeout": 60,
     "handler": {
         "portfolio_dir": "portfolio",
+        "variants": "front",
+        "min_accuracy": None,
         "memory_budget_mb": None,
         "fixed_variant": None,
         "slo_ms": None,
@@ -190,12 +192,15 @@ def default_model_config(overrides: Mapping[str, Any] | None = None) -> dict[str
 
 
 def build_archive(portfolio: Path, model_name: str, export_path: Path, config: Path | Mapping | None = None,
-                  force: bool = False) -> Path:
+                  force: bool = False, variants: str | Sequence[str] | None = None) -> Path:
     """Build ``export_path/model_name.mar``: the handler, the portfolio (under ``portfolio/``) and a
     ``model-config.yaml`` (defaults merged with ``config``, a YAML file or a dict).
 
-    The portfolio's manifest is read first, so a directory that is not a portfolio fails here, not
-    inside TorchServe.
+    ``variants`` (``"front"``, ``"all"``, ``"ID,ID"`` or a list of ids) sets the served set,
+    ``handler.variants`` in the config (default: the accuracy/latency front above the accuracy
+    floor, see :mod:`dnnshifter_lightning.served`). The portfolio's manifest is read first and the
+    served set resolved, so a directory that is not a portfolio, an unknown id or a floor that leaves
+    nothing to serve fails here, not inside TorchServe.
 
     Example::
 
@@ -216,22 +221,34 @@ def build_archive(portfolio: Path, model_name: str, export_path: Path, config: P
         raise ServingError(f"{portfolio} is not a portfolio: {portfolio / 'manifest.json'} is missing")
     from .portfolio import PortfolioError, read_manifest  # imports torch: only here
 
+    from .served import resolve_served_set
+
     try:
-        read_manifest(portfolio)  # fail early on a broken manifest
+        manifest = read_manifest(portfolio)  # fail early on a broken manifest
     except PortfolioError as exc:
         raise ServingError(str(exc)) from exc
+    overrides = yaml.safe_load(Path(config).read_text()) if isinstance(config, (str, Path)) else config
+    overrides = dict(overrides or {})
+    if variants is not None:
+        overrides["handler"] = {**(overrides.get("handler") or {}),
+                                "variants": variants if isinstance(variants, str) else list(variants)}
+    handler = default_model_config(overrides)["handler"]
+    fixed = handler.get("fixed_variant") or (handler.get("policy") or {}).get("fixed_variant")
+    try:  # the handler resolves the same set at start; an archive it would refuse is refused here
+        resolve_served_set(manifest["variants"], handler.get("variants"), handler.get("min_accuracy"), fixed)
+    except ValueError as exc:
+        raise ServingError(f"{portfolio}: {exc}") from exc
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", model_name):
         raise ServingError(f"model name {model_name!r}: use letters, digits, '_', '.', '-'")
     mar = export_path / f"{model_name}.mar"
     if mar.exists() and not force:
         raise ServingError(f"{mar} exists; pass force=True (--force) to overwrite it")
-    overrides = yaml.safe_load(Path(config).read_text()) if isinstance(config, (str, Path)) else config
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dnnshifter-mar-") as tmp:
         stage = Path(tmp) / "extra"
         shutil.copytree(portfolio, stage / "portfolio")
         cfg = Path(tmp) / "model-config.yaml"
-        cfg.write_text(yaml.safe_dump(default_model_config(overrides or {}), sort_keys=False))
+        cfg.write_text(yaml.safe_dump(default_model_config(overrides), sort_keys=False))
         cmd = [_venv_tool("torch-model-archiver"), "--model-name", model_name, "--version", "1.0",
                "--handler", str(HANDLER_FILE), "--extra-files", str(stage), "--config-file", str(cfg),
                "--export-path", str(export_path)]
@@ -602,8 +619,9 @@ def _fail(console: Any, exc: Exception) -> SystemExit:
 
 
 def archive_command(portfolio: Path, model_name: str, export_path: Path, config: Path | None = None,
-                    force: bool = False, console: Any = None) -> Path:
-    """``dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--config YAML] [--force]``.
+                    force: bool = False, console: Any = None, variants: str | None = None) -> Path:
+    """``dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--config YAML] [--force]
+    [--variants front|all|ID,ID]``.
 
     Prints where the ``.mar`` went and how to serve it; on failure prints the error and raises
     ``SystemExit(1)``.
@@ -624,7 +642,7 @@ def archive_command(portfolio: Path, model_name: str, export_path: Path, config:
     """
     console = _console(console)
     try:
-        mar = build_archive(portfolio, model_name, export_path, config, force)
+        mar = build_archive(portfolio, model_name, export_path, config, force, variants=variants)
     except (ServingError, OSError, ValueError) as exc:
         raise _fail(console, exc) from exc
     console.print(f"wrote [bold]{mar}[/] ({mar.stat().st_size / 1e6:.1f} MB)\n"

@@ -18,6 +18,7 @@ MODULES = [
     "dnnshifter_lightning",
     *(f"dnnshifter_lightning.{name}" for name in (
         "masks", "imp", "structured", "portfolio", "profile", "builder", "runtime", "policy", "serving", "loadgen",
+        "served",
         "digits", "models", "plot", "demo",
     )),
 ]
