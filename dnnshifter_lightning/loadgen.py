@@ -267,8 +267,8 @@ def effective_accuracy(results: Sequence[LoadResult], labels: Sequence[int],
 
 def per_second(results: Sequence[LoadResult], labels: Sequence[int], t0: float, seconds: int,
                deadline_s: float = DEFAULT_DEADLINE_S) -> list[dict[str, Any]]:
-    """Per 1-s bucket of due time since ``t0``: requests offered, effective accuracy, p99 latency
-    (ms, answered requests) and the variant that answered most of them.
+    """Per 1-s bucket of due time since ``t0``: requests offered, effective accuracy, on-time share,
+    p99 latency (ms, answered requests) and the variant that answered most of them.
 
     >>> res = [LoadResult(10.2, 0.02, 200, 0, "a", 3), LoadResult(11.5, 0.3, 200, 0, "b", 3)]
     >>> [(b["offered"], b["effective_accuracy"], b["variant"]) for b in per_second(res, [3], 10.0, 2)]
@@ -286,7 +286,9 @@ def per_second(results: Sequence[LoadResult], labels: Sequence[int], t0: float, 
         for r in rs:
             if r.status == 200 and r.variant:
                 mix[r.variant] = mix.get(r.variant, 0) + 1
+        on_time = sum(1 for r in rs if r.status == 200 and r.latency <= deadline_s)
         out.append({"t": k, "offered": len(rs), "effective_accuracy": effective_accuracy(rs, labels, deadline_s),
+                    "on_time": on_time / len(rs) if rs else None,
                     "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2) if lat else None,
                     "variant": max(mix, key=mix.__getitem__) if mix else None})
     return out
