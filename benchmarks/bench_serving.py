@@ -281,7 +281,7 @@ def _median_of(rs: list[dict], get) -> float | None:
 
 
 def _report(args, console, Table, manifest, served, front, acc, capacity, stair, burst, runs, deadline_s) -> dict:
-    contenders = list(runs["staircase"])
+    contenders = ["adaptive", *[f"fixed_{v}" for v in front]]
     fixed = [m for m in contenders if m != "adaptive"]
     steps = [p for _, _, p in stair]
     step_ea = {m: {p: _median_of(runs["staircase"][m], lambda r, p=p: r["steps"][p]["effective_accuracy"])
