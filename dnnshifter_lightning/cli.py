@@ -4,7 +4,7 @@
     dnnshifter portfolio build CKPT_DIR --model package.module:Class --out DIR [--datamodule package.module:Class]
                                     [--input-shape C,H,W] [--input-key K --target-key K]
     dnnshifter portfolio show DIR
-    dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE
+    dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--variants front|all|ID,ID]
     dnnshifter serve STORE --model NAME [--no-auth] [--enable-model-api]
     dnnshifter serve --stop
 """
@@ -96,12 +96,14 @@ def archive(
     export_path: Path = typer.Option(..., "--export-path", help="Model store directory to write NAME.mar into."),
     config: Optional[Path] = typer.Option(None, "--config", help="A model-config.yaml to use instead of the defaults."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing NAME.mar."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="The served set: 'front' (default: the "
+                                           "accuracy/latency front above the accuracy floor), 'all', or ID,ID,..."),
 ) -> None:
     """Package a portfolio, the handler and its config into STORE/NAME.mar with torch-model-archiver."""
     from .serving import archive_command
 
     try:
-        archive_command(portfolio, model_name, export_path, config=config, force=force)
+        archive_command(portfolio, model_name, export_path, config=config, force=force, variants=variants)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         _fail(exc)
 

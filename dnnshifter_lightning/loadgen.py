@@ -1,9 +1,12 @@
 """A bounded HTTP load generator for the serving demo, tests and benchmarks (loopback only).
 
-:func:`run_load` sends JSON bodies to ``http://127.0.0.1:PORT/PATH`` closed loop (a saturating burst
+:func:`run_schedule` replays an open-loop trace of piecewise-constant rates (each request has its
+own due time; latency counts from it). :func:`run_load` sends JSON bodies to ``http://127.0.0.1:PORT/PATH`` closed loop (a saturating burst
 of back-to-back clients) or open loop (requests due at a fixed rate, latency counted from when each
 was due), always bounded by a duration and a request count. :func:`summarize` turns the results
-into latency percentiles, throughput and accuracy. Nothing here knows about TorchServe.
+into latency percentiles, throughput, accuracy and *effective accuracy* (answered correctly
+within a deadline from when due, over requests offered; :func:`effective_accuracy`,
+:func:`per_second`). Nothing here knows about TorchServe.
 
 Example::
 
@@ -21,7 +24,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-__all__ = ["LoadResult", "run_load", "summarize", "LOOPBACK"]
+__all__ = ["LoadResult", "run_load", "run_schedule", "summarize", "effective_accuracy", "per_second", "LOOPBACK",
+           "DEFAULT_DEADLINE_S"]
+
+#: Default deadline of effective accuracy: a request counts if answered correctly within this long
+#: from when it was due (Model-Switching, HotCloud'20; INFaaS).
+DEFAULT_DEADLINE_S = 0.1
 
 LOOPBACK = "127.0.0.1"
 
@@ -143,9 +151,154 @@ def run_load(port: int, path: str, bodies: Sequence[bytes], *, concurrency: int 
     return sorted(results, key=lambda r: r.scheduled)
 
 
+def run_schedule(port: int, path: str, bodies: Sequence[bytes], steps: Sequence[tuple[float, float, str]], *,
+                 concurrency: int = 64, drop_late_s: float | None = 1.0, headers: Mapping[str, str] | None = None,
+                 timeout: float = 30.0, start_index: int = 0) -> list[LoadResult]:
+    """Open loop over ``steps`` = ``[(rate per s, seconds, phase), ...]``, one after the other.
+
+    Request *k* of a step is due at ``step start + k / rate``, and its latency counts from then, so
+    a server that falls behind pays for its queue. At most ``concurrency`` requests are in flight.
+    A request still unsent ``drop_late_s`` after it was due is not sent (a client that gave up):
+    it is recorded with status 0, counts as offered and never as answered, and it does not queue
+    up work that nobody waits for (``None``: send everything, however late). Bounded: at most
+    600 s and 1,000,000 requests in all. Bodies go round robin from ``start_index``.
+
+    >>> steps = [(30.0, 15.0, "0.3x"), (80.0, 15.0, "0.8x")]
+    >>> res = run_schedule(8080, "/predictions/digits", [b'{"data": ...}'], steps)  # doctest: +SKIP
+
+    Against a stand-in server::
+
+        >>> import http.server, json, threading
+        >>> class Handler(http.server.BaseHTTPRequestHandler):
+        ...     protocol_version = "HTTP/1.1"
+        ...     def do_POST(self):
+        ...         self.rfile.read(int(self.headers["Content-Length"]))
+        ...         body = json.dumps({"variant": "a", "label": 1}).encode()
+        ...         self.send_response(200)
+        ...         self.send_header("Content-Length", str(len(body)))
+        ...         self.end_headers()
+        ...         self.wfile.write(body)
+        ...     def log_message(self, *args):
+        ...         pass
+        >>> server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        >>> threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+        >>> res = run_schedule(server.server_port, "/p", [b"{}"], [(20.0, 0.5, "low"), (40.0, 0.5, "high")],
+        ...                    concurrency=4)
+        >>> server.shutdown(); server.server_close()
+        >>> [sum(r.phase == p for r in res) for p in ("low", "high")], {r.status for r in res}
+        ([10, 20], {200})
+        >>> round(res[10].scheduled - res[0].scheduled, 6)      # the second step starts at 0.5 s
+        0.5
+    """
+    if not (1 <= concurrency <= 256 and bodies and steps):
+        raise ValueError("run_schedule: need 1..256 clients, at least one body and one step")
+    due_offsets: list[tuple[float, str]] = []
+    t = 0.0
+    for rate, seconds, phase in steps:
+        if not (0 < rate <= 10_000 and 0 < seconds <= 600):
+            raise ValueError(f"run_schedule: step ({rate}, {seconds}, {phase!r}): rate in (0, 10000], seconds in (0, 600]")
+        n = int(round(rate * seconds))
+        due_offsets += [(t + k / rate, phase) for k in range(n)]
+        t += seconds
+    if t > 600 or len(due_offsets) > 1_000_000:
+        raise ValueError(f"run_schedule: {t:g} s and {len(due_offsets)} requests; at most 600 s and 1e6 requests")
+    hdrs = dict(headers or {})
+    hdrs.setdefault("Content-Type", "application/json")
+    lock = threading.Lock()
+    counter = iter(range(len(due_offsets)))
+    results: list[LoadResult] = []
+    start = time.monotonic() + 0.05
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+        try:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                offset, phase = due_offsets[i]
+                due = start + offset
+                idx = (start_index + i) % len(bodies)
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                elif drop_late_s is not None and -wait > drop_late_s:
+                    with lock:
+                        results.append(LoadResult(due, -wait, 0, idx, phase=phase))
+                    continue
+                try:
+                    conn.request("POST", path, body=bodies[idx], headers=hdrs)
+                    resp = conn.getresponse()
+                    data, status = resp.read(), resp.status
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+                    status, data = 0, b""
+                variant, label = _parse_reply(data) if status == 200 else (None, None)
+                res = LoadResult(due, time.monotonic() - due, status, idx, variant, label, phase)
+                with lock:
+                    results.append(res)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(t + timeout + 10)
+    return sorted(results, key=lambda r: r.scheduled)
+
+
+def effective_accuracy(results: Sequence[LoadResult], labels: Sequence[int],
+                       deadline_s: float = DEFAULT_DEADLINE_S) -> float | None:
+    """Requests answered correctly within ``deadline_s`` of when they were due, over requests offered.
+
+    >>> res = [LoadResult(0.0, 0.02, 200, 0, "a", 3), LoadResult(0.1, 0.5, 200, 1, "a", 4),   # late
+    ...        LoadResult(0.2, 0.03, 200, 1, "a", 0), LoadResult(0.3, 1.0, 0, 0)]             # wrong, dropped
+    >>> effective_accuracy(res, labels=[3, 4])
+    0.25
+    """
+    if not results:
+        return None
+    good = sum(1 for r in results if r.status == 200 and r.latency <= deadline_s and r.label == labels[r.index])
+    return good / len(results)
+
+
+def per_second(results: Sequence[LoadResult], labels: Sequence[int], t0: float, seconds: int,
+               deadline_s: float = DEFAULT_DEADLINE_S) -> list[dict[str, Any]]:
+    """Per 1-s bucket of due time since ``t0``: requests offered, effective accuracy, on-time share,
+    p99 latency (ms, answered requests) and the variant that answered most of them.
+
+    >>> res = [LoadResult(10.2, 0.02, 200, 0, "a", 3), LoadResult(11.5, 0.3, 200, 0, "b", 3)]
+    >>> [(b["offered"], b["effective_accuracy"], b["variant"]) for b in per_second(res, [3], 10.0, 2)]
+    [(1, 1.0, 'a'), (1, 0.0, 'b')]
+    """
+    buckets: list[list[LoadResult]] = [[] for _ in range(seconds)]
+    for r in results:
+        k = int(r.scheduled - t0)
+        if 0 <= k < seconds:
+            buckets[k].append(r)
+    out = []
+    for k, rs in enumerate(buckets):
+        lat = sorted(r.latency for r in rs if r.status == 200)
+        mix: dict[str, int] = {}
+        for r in rs:
+            if r.status == 200 and r.variant:
+                mix[r.variant] = mix.get(r.variant, 0) + 1
+        on_time = sum(1 for r in rs if r.status == 200 and r.latency <= deadline_s)
+        out.append({"t": k, "offered": len(rs), "effective_accuracy": effective_accuracy(rs, labels, deadline_s),
+                    "on_time": on_time / len(rs) if rs else None,
+                    "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2) if lat else None,
+                    "variant": max(mix, key=mix.__getitem__) if mix else None})
+    return out
+
+
 def summarize(results: Sequence[LoadResult], labels: Sequence[int] | None = None,
-              span_s: float | None = None) -> dict[str, Any]:
-    """Latency percentiles (ms), throughput, error count, accuracy and variant mix of some requests.
+              span_s: float | None = None, deadline_s: float = DEFAULT_DEADLINE_S) -> dict[str, Any]:
+    """Latency percentiles (ms), throughput, error count, accuracy, effective accuracy (correct within
+    ``deadline_s`` of due, over offered), on-time share (answered within the deadline, over offered)
+    and variant mix of some requests.
 
     ``labels[r.index]`` is the true label of the body a result sent; ``span_s`` defaults to the time
     from the first request due to the last response.
@@ -179,5 +332,9 @@ def summarize(results: Sequence[LoadResult], labels: Sequence[int] | None = None
         "throughput_rps": round(len(ok) / span_s, 2) if span_s else None,
         "accuracy": round(correct / len(ok), 4) if ok and labels is not None else None,
         "correct_per_s": round(correct / span_s, 2) if span_s and labels is not None else None,
+        "effective_accuracy": (round(effective_accuracy(results, labels, deadline_s), 4)
+                               if results and labels is not None else None),
+        "on_time": round(sum(r.latency <= deadline_s for r in ok) / len(results), 4) if results else None,
+        "deadline_ms": round(deadline_s * 1000, 3),
         "variants": variants, "span_s": round(span_s, 3),
     }

@@ -308,6 +308,9 @@ class PortfolioRuntime:
             the number of cores, at most 4).
         pin_inflate_interval_s: at most one inflate per this many seconds for pins to variants
             that are not inflated (see the module docstring); ``0`` removes the limit.
+        variants: the served set: only these ids are loaded and held (default: every variant;
+            see :func:`~dnnshifter_lightning.served.resolve_served_set`). Others stay in the
+            manifest; using one raises ``ValueError``.
 
     Thread-safe: requests may run concurrently with each other and with :meth:`switch_to`.
 
@@ -345,14 +348,22 @@ class PortfolioRuntime:
     def __init__(self, path: str | Path, *, memory_budget_mb: float | None = None, initial: str | None = None,
                  profile_batch_sizes: Sequence[int] | None = (1, 8), codec: str = "zstd",
                  compression_level: int | None = None, inflate_threads: int | None = None,
-                 pin_inflate_interval_s: float = 1.0) -> None:
+                 pin_inflate_interval_s: float = 1.0, variants: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         if not pin_inflate_interval_s >= 0:  # also refuses NaN
             raise ValueError(f"pin_inflate_interval_s must be >= 0, got {pin_inflate_interval_s!r}")
         self.pin_inflate_interval_s = float(pin_inflate_interval_s)
         self._codec = _Codec(codec, compression_level, inflate_threads)
         self.manifest: dict[str, Any] = verify_portfolio(self.path)  # sha256 of every file, names the bad one
-        self.variant_ids: list[str] = [v["id"] for v in self.manifest["variants"]]
+        #: every variant of the portfolio, served or not, in the manifest's order
+        self.portfolio_ids: list[str] = [v["id"] for v in self.manifest["variants"]]
+        if variants is not None:
+            unknown = [v for v in variants if v not in self.portfolio_ids]
+            if unknown or not variants:
+                raise ValueError(f"variants {list(variants)}: need at least one of this portfolio's "
+                                 f"{self.portfolio_ids}" + (f"; unknown: {unknown}" if unknown else ""))
+        #: the served variants (only these are loaded and held), in the manifest's order
+        self.variant_ids: list[str] = [v for v in self.portfolio_ids if variants is None or v in variants]
         if initial is not None and initial not in self.variant_ids:
             raise ValueError(f"initial variant {initial!r} is not in this portfolio {self.variant_ids}")
         if memory_budget_mb is not None and not memory_budget_mb > 0:
@@ -361,6 +372,8 @@ class PortfolioRuntime:
         self._variants: dict[str, _Variant] = {}
         started = time.perf_counter()
         for info in self.manifest["variants"]:
+            if info["id"] not in self.variant_ids:
+                continue  # not served: never loaded, holds no memory
             module = load_variant(self.path / info["file"], sha256=info["sha256"], bytes_raw=info["bytes_raw"],
                                   root=self.path)  # data only: an interpreted graph, bounded (portfolio.py)
             variant = _Variant(info, module, self._codec)
@@ -483,7 +496,10 @@ class PortfolioRuntime:
         try:
             return self._variants[variant_id]
         except KeyError:
-            raise ValueError(f"unknown variant {variant_id!r}; this portfolio has {self.variant_ids}") from None
+            if variant_id in self.portfolio_ids:
+                raise ValueError(f"variant {variant_id!r} is in the portfolio but not served (not loaded); "
+                                 f"served: {self.variant_ids}") from None
+            raise ValueError(f"unknown variant {variant_id!r}; this portfolio has {self.portfolio_ids}") from None
 
     def switch_to(self, variant_id: str, reason: str = "manual") -> SwitchRecord | None:
         """Make ``variant_id`` active. Returns the log record (``None`` if it already is active).
@@ -573,6 +589,11 @@ class PortfolioRuntime:
 
     def _total_bytes(self) -> int:
         return self._breakdown()["total"]
+
+    def all_inflated_bytes(self) -> int:
+        """Bytes the served variants' weights would take if every one were kept inflated (the
+        baseline :meth:`resident_bytes` is compared against)."""
+        return sum(v.nbytes for v in self._variants.values())
 
     def resident_bytes(self) -> int:
         """Total bytes held for model weights (see :meth:`resident_breakdown`)."""

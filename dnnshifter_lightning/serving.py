@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -68,6 +69,8 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "responseTimeout": 60,
     "handler": {
         "portfolio_dir": "portfolio",
+        "variants": "front",
+        "min_accuracy": None,
         "memory_budget_mb": None,
         "fixed_variant": None,
         "slo_ms": None,
@@ -198,12 +201,15 @@ def default_model_config(overrides: Mapping[str, Any] | None = None) -> dict[str
 
 
 def build_archive(portfolio: Path, model_name: str, export_path: Path, config: Path | Mapping | None = None,
-                  force: bool = False) -> Path:
+                  force: bool = False, variants: str | Sequence[str] | None = None) -> Path:
     """Build ``export_path/model_name.mar``: the handler, the portfolio (under ``portfolio/``) and a
     ``model-config.yaml`` (defaults merged with ``config``, a YAML file or a dict).
 
-    The portfolio's manifest is read first, so a directory that is not a portfolio fails here, not
-    inside TorchServe.
+    ``variants`` (``"front"``, ``"all"``, ``"ID,ID"`` or a list of ids) sets the served set,
+    ``handler.variants`` in the config (default: the accuracy/latency front above the accuracy
+    floor, see :mod:`dnnshifter_lightning.served`). The portfolio's manifest is read first and the
+    served set resolved, so a directory that is not a portfolio, an unknown id or a floor that leaves
+    nothing to serve fails here, not inside TorchServe.
 
     Example::
 
@@ -224,22 +230,34 @@ def build_archive(portfolio: Path, model_name: str, export_path: Path, config: P
         raise ServingError(f"{portfolio} is not a portfolio: {portfolio / 'manifest.json'} is missing")
     from .portfolio import PortfolioError, read_manifest  # imports torch: only here
 
+    from .served import resolve_served_set
+
     try:
-        read_manifest(portfolio)  # fail early on a broken manifest
+        manifest = read_manifest(portfolio)  # fail early on a broken manifest
     except PortfolioError as exc:
         raise ServingError(str(exc)) from exc
+    overrides = yaml.safe_load(Path(config).read_text()) if isinstance(config, (str, Path)) else config
+    overrides = dict(overrides or {})
+    if variants is not None:
+        overrides["handler"] = {**(overrides.get("handler") or {}),
+                                "variants": variants if isinstance(variants, str) else list(variants)}
+    handler = default_model_config(overrides)["handler"]
+    fixed = handler.get("fixed_variant") or (handler.get("policy") or {}).get("fixed_variant")
+    try:  # the handler resolves the same set at start; an archive it would refuse is refused here
+        resolve_served_set(manifest["variants"], handler.get("variants"), handler.get("min_accuracy"), fixed)
+    except ValueError as exc:
+        raise ServingError(f"{portfolio}: {exc}") from exc
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", model_name):
         raise ServingError(f"model name {model_name!r}: use letters, digits, '_', '.', '-'")
     mar = export_path / f"{model_name}.mar"
     if mar.exists() and not force:
         raise ServingError(f"{mar} exists; pass force=True (--force) to overwrite it")
-    overrides = yaml.safe_load(Path(config).read_text()) if isinstance(config, (str, Path)) else config
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dnnshifter-mar-") as tmp:
         stage = Path(tmp) / "extra"
         shutil.copytree(portfolio, stage / "portfolio")
         cfg = Path(tmp) / "model-config.yaml"
-        cfg.write_text(yaml.safe_dump(default_model_config(overrides or {}), sort_keys=False))
+        cfg.write_text(yaml.safe_dump(default_model_config(overrides), sort_keys=False))
         cmd = [_venv_tool("torch-model-archiver"), "--model-name", model_name, "--version", "1.0",
                "--handler", str(HANDLER_FILE), "--extra-files", str(stage), "--config-file", str(cfg),
                "--export-path", str(export_path)]
@@ -685,8 +703,9 @@ def _fail(console: Any, exc: Exception) -> SystemExit:
 
 
 def archive_command(portfolio: Path, model_name: str, export_path: Path, config: Path | None = None,
-                    force: bool = False, console: Any = None) -> Path:
-    """``dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--config YAML] [--force]``.
+                    force: bool = False, console: Any = None, variants: str | None = None) -> Path:
+    """``dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--config YAML] [--force]
+    [--variants front|all|ID,ID]``.
 
     Prints where the ``.mar`` went and how to serve it; on failure prints the error and raises
     ``SystemExit(1)``.
@@ -707,7 +726,7 @@ def archive_command(portfolio: Path, model_name: str, export_path: Path, config:
     """
     console = _console(console)
     try:
-        mar = build_archive(portfolio, model_name, export_path, config, force)
+        mar = build_archive(portfolio, model_name, export_path, config, force, variants=variants)
     except (ServingError, OSError, ValueError) as exc:
         raise _fail(console, exc) from exc
     console.print(f"wrote [bold]{mar}[/] ({mar.stat().st_size / 1e6:.1f} MB)\n"
@@ -876,18 +895,38 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _log_json(server: TorchServeServer, tag: str) -> list[dict[str, Any]]:
+    """Every ``TAG {json}`` line the handler wrote to the model log, oldest first."""
+    log = server.log_dir / "model_log.log"
+    out = []
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            if f"{tag} {{" in line:
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line.split(f"{tag} ", 1)[1]))
+    return out
+
+
+def _mb(n: Any) -> str:
+    return "-" if not isinstance(n, (int, float)) else f"{n / 2**20:.2f} MB"
+
+
 def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *, model_name: str = "digits",
-                     burst_s: float = 8.0, idle_s: float = 20.0, concurrency: int = 16, idle_rate: float = 2.0,
-                     no_auth: bool = False, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     burst_s: float = 6.0, idle_s: float = 20.0, light_factor: float = 0.3, burst_factor: float = 2.5,
+                     capacity_s: float = 2.0, no_auth: bool = False, config: Mapping[str, Any] | None = None,
+                     deadline_ms: float = 100.0) -> dict[str, Any]:
     """The serving part of ``dnnshifter demo``: archive, serve with real TorchServe, load it, report.
 
-    Three phases against 127.0.0.1 with the held-out digits as JSON requests: ``light``
-    (``idle_rate`` requests/s for 3 s), ``burst`` (``concurrency`` clients back to back for
-    ``burst_s``), ``idle`` (``idle_rate`` requests/s until the most accurate variant serves again,
-    at least 5 s and at most ``idle_s``). Prints every switch (from, to, when, why) and latency
-    percentiles and accuracy per phase. Token auth stays on unless ``no_auth`` (``dnnshifter demo``
-    turns it off, on loopback, and says so). Returns them as a dict (``{"skipped": why}`` without Java).
-    ``config`` overrides the archive's model-config (e.g. ``{"handler": {"policy": {...}}}``).
+    The held-out digits go to 127.0.0.1 as JSON requests. First the closed-loop capacity ``C`` of the
+    most accurate served variant is measured (16 clients pinned to it for ``capacity_s``), then an
+    open-loop trace sized from it: ``light`` (``light_factor`` x C for 3 s), ``burst``
+    (``burst_factor`` x C for ``burst_s``), ``recovery`` (``light_factor`` x C until the most
+    accurate variant serves again, at least 5 s and at most ``idle_s``). Prints the served set and
+    its memory, every switch (down under the burst, back up after: from, to, when, why), latency,
+    accuracy and effective accuracy (correct within ``deadline_ms`` of when due, over offered) per
+    phase, and the run's effective accuracy. Token auth stays on unless ``no_auth`` (``dnnshifter
+    demo`` turns it off, on loopback, and says so). Returns them as a dict (``{"skipped": why}``
+    without Java). ``config`` overrides the archive's model-config (e.g. ``{"handler": {"policy": {...}}}``).
     About 30-60 s including TorchServe's start.
 
     Example::
@@ -895,13 +934,16 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
         >>> from pathlib import Path
         >>> report = run_demo_serving(Path("demo_out/portfolio"), Path("demo_out/serve"))  # doctest: +SKIP
         >>> sorted(report["phases"])  # doctest: +SKIP
-        ['burst', 'idle', 'light']
+        ['burst', 'light', 'recovery']
         >>> for s in report["switches"]:  # doctest: +SKIP
         ...     print(f'{s["at_s"]:6.2f} s  {s["from"]} -> {s["to"]}: {s["reason"]}')
     """
     from rich.table import Table
 
     from .digits import DigitsDataModule
+    from .loadgen import effective_accuracy, run_schedule
+    from .portfolio import read_manifest
+    from .served import resolve_served_set
 
     console = _console(console)
     try:
@@ -911,6 +953,13 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
         return {"skipped": str(exc)}
     workdir = Path(workdir)
     mar = build_archive(Path(portfolio_dir), model_name, workdir / "store", config=config, force=True)
+    handler_opts = default_model_config(config)["handler"]
+    fixed = handler_opts.get("fixed_variant") or (handler_opts.get("policy") or {}).get("fixed_variant")
+    manifest = read_manifest(portfolio_dir)
+    served = resolve_served_set(manifest["variants"], handler_opts.get("variants"), handler_opts.get("min_accuracy"),
+                                fixed)  # as the handler resolves it
+    front = list(served.ids)
+    top = fixed or front[0]  # where light load must end: the most accurate served variant
     dm = DigitsDataModule()
     dm.setup()
     xs, ys = zip(*[(x, y) for x, y in dm.val_dataloader()])
@@ -919,66 +968,102 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     x, y = torch.cat(xs), torch.cat(ys)
     bodies, labels = json_bodies(x), [int(v) for v in y]
     path = f"/predictions/{model_name}"
+    deadline_s = deadline_ms / 1000.0
     results: dict[str, list[LoadResult]] = {}
     console.print(f"[bold]serving {mar.name} with TorchServe[/] (127.0.0.1, {len(bodies)} held-out digits as requests)")
     if no_auth:
         console.print("[yellow]token auth is OFF for this demo[/] (127.0.0.1 only; `dnnshifter serve` keeps it on)")
     with TorchServeServer(mar.parent, {model_name: mar.name}, no_auth=no_auth, workdir=workdir / "torchserve") as ts:
-        from .portfolio import read_manifest
-
         ts.predict(model_name, bodies[0])  # warm-up: the first request pays one-off costs
-        manifest = read_manifest(portfolio_dir)
-        fixed = ((config or {}).get("handler") or {}).get("fixed_variant")  # the operator's override
-        top = fixed or manifest["variants"][0]["id"]  # where light load must end: the most accurate
-        wall0, mono0 = time.time(), time.monotonic()
+        memory = (_log_json(ts, "DNNSHIFTER_MEMORY") or [{}])[-1]
         hdrs = ts.inference_headers()
-        with console.status("light load: 3 s"):
-            results["light"] = run_load(ts.ports.inference, path, bodies, concurrency=2, rate=idle_rate, duration_s=3.0,
-                                        headers=hdrs, phase="light")
-        with console.status(f"burst: {concurrency} concurrent clients for {burst_s:g} s"):
-            results["burst"] = run_load(ts.ports.inference, path, bodies, concurrency=concurrency, duration_s=burst_s,
-                                        max_requests=200_000, headers=hdrs, phase="burst")
-        results["idle"] = []
-        with console.status("idle: light load until the most accurate variant serves again"):
-            idle_start = time.monotonic()
-            while time.monotonic() - idle_start < idle_s:
-                chunk = run_load(ts.ports.inference, path, bodies, concurrency=2, rate=idle_rate, duration_s=1.0,
-                                 headers=hdrs, phase="idle")
-                results["idle"] += chunk
-                if time.monotonic() - idle_start >= 5.0 and chunk and chunk[-1].variant == top:
+        port = ts.ports.inference
+        with console.status(f"measuring the capacity of {top}: 16 clients for {capacity_s:g} s"):
+            probe = run_load(port, path, bodies, concurrency=16, duration_s=capacity_s, max_requests=200_000,
+                             headers={**hdrs, PIN_HEADER: top}, phase="capacity")
+            capacity = summarize(probe, span_s=capacity_s)["throughput_rps"] or 1.0
+        light_rate, burst_rate = max(1.0, light_factor * capacity), burst_factor * capacity
+        with console.status("settling: light load until the most accurate variant serves"):
+            settle_end = time.monotonic() + 15.0
+            while time.monotonic() < settle_end:
+                chunk = run_schedule(port, path, bodies, [(light_rate, 1.0, "settle")], headers=hdrs)
+                if chunk and chunk[-1].variant == top:
+                    break
+        wall0, mono0 = time.time(), time.monotonic()
+        with console.status(f"light: {light_rate:.0f} req/s for 3 s"):
+            results["light"] = run_schedule(port, path, bodies, [(light_rate, 3.0, "light")], headers=hdrs)
+        with console.status(f"burst: {burst_rate:.0f} req/s ({burst_factor:g}x capacity) for {burst_s:g} s"):
+            results["burst"] = run_schedule(port, path, bodies, [(burst_rate, burst_s, "burst")], headers=hdrs,
+                                            start_index=len(results["light"]))
+        results["recovery"] = []
+        with console.status(f"recovery: {light_rate:.0f} req/s until the most accurate variant serves again"):
+            start = time.monotonic()
+            while time.monotonic() - start < idle_s:
+                chunk = run_schedule(port, path, bodies, [(light_rate, 1.0, "recovery")], headers=hdrs,
+                                     start_index=len(results["recovery"]))
+                results["recovery"] += chunk
+                if time.monotonic() - start >= 5.0 and chunk and chunk[-1].variant == top:
                     break
         switches = [dict(s, at_s=round(s["time"] - wall0, 3)) for s in read_switches(ts)
-                    if s["time"] >= wall0 - 1 and s["reason"] != INITIAL_SWITCH_REASON]  # load-driven ones only
-    phases = {name: summarize(res, labels) for name, res in results.items()}
+                    if s["time"] >= wall0 - 0.5 and s["reason"] != INITIAL_SWITCH_REASON]  # load-driven ones only
+    phases = {name: summarize(res, labels, deadline_s=deadline_s) for name, res in results.items()}
     for name, res in results.items():
         if res:
             phases[name]["start_s"] = round(res[0].scheduled - mono0, 3)
+    everything = [r for res in results.values() for r in res]
+    run_ea = effective_accuracy(everything, labels, deadline_s)
+    order = front if front else [top]
 
+    def direction(s: dict) -> str:
+        if s["from"] in order and s["to"] in order:
+            return "down" if order.index(s["to"]) > order.index(s["from"]) else "up"
+        return "?"
+
+    for s in switches:
+        s["direction"] = direction(s)
+    console.print(f"served set ({served.selection}): {', '.join(front)}"
+                  + (f"; dominated, not loaded: {', '.join(served.dominated)}" if served.dominated else "")
+                  + (f"; below the accuracy floor {served.floor:.1%}: {', '.join(served.below_floor)}"
+                     if served.below_floor else "")
+                  + (f" (accuracy floor {served.floor:.1%}, {served.floor_rule})" if served.floor is not None else ""))
+    for warning in served.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if memory:
+        console.print(f"memory for model weights: {_mb(memory.get('total_bytes'))} resident for the {len(front)} "
+                      f"served variants (all compressed + the active one inflated) against "
+                      f"{_mb(memory.get('served_all_inflated_bytes'))} with all of them inflated")
+    console.print(f"capacity of {top}: {capacity:.0f} req/s (closed loop, 16 clients); light load "
+                  f"{light_rate:.0f} req/s, burst {burst_rate:.0f} req/s")
     table = Table(title="variant switches seen by the handler")
-    for col in ("at (s)", "from", "to", "why", "switch (ms)"):
+    for col in ("at (s)", "", "from", "to", "why", "switch (ms)"):
         table.add_column(col)
     for s in switches:
-        table.add_row(f"{s['at_s']:.2f}", s["from"], s["to"], s["reason"], f"{s['switch_ms']:.2f}")
-    from .portfolio import pareto_front
-
-    front = pareto_front(manifest["variants"], keep=[fixed] if fixed else [])  # as the handler computes it
+        table.add_row(f"{s['at_s']:.2f}", s["direction"], s["from"], s["to"], s["reason"], f"{s['switch_ms']:.2f}")
     if switches:
         console.print(table)
     elif fixed:
         console.print(f"[yellow]no switch: the archive's config fixes the variant to {fixed} (handler.fixed_variant)[/]")
     elif len(front) == 1:
-        console.print(f"[yellow]no switch: {front[0]} is both the most accurate and the cheapest variant (the "
-                      f"accuracy/latency front has one variant), so the policy has nothing to switch to[/]")
+        console.print(f"[yellow]no switch: {front[0]} is the only served variant (the accuracy/latency front above "
+                      f"the accuracy floor has one variant: it is both the most accurate and the cheapest), so the "
+                      f"policy has nothing to switch to[/]")
     else:
         console.print(f"[yellow]no switch happened: the burst did not saturate the worker on {top}[/]")
-    table = Table(title="serving per phase (latency from when each request was due)")
-    for col in ("phase", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "req/s", "accuracy", "served by"):
+    table = Table(title=f"serving per phase (latency from when each request was due; deadline {deadline_ms:g} ms)")
+    for col in ("phase", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "req/s", "accuracy", "effective acc.",
+                "served by"):
         table.add_column(col, justify="right" if col not in ("phase", "served by") else "left")
     for name, p in phases.items():
         mix = ", ".join(f"{k}: {v}" for k, v in sorted(p["variants"].items()))
         table.add_row(name, str(p["requests"]), str(p["errors"]), _fmt(p["p50_ms"]), _fmt(p["p90_ms"]),
                       _fmt(p["p99_ms"]), _fmt(p["throughput_rps"]),
-                      "-" if p["accuracy"] is None else f"{p['accuracy']:.1%}", mix)
+                      "-" if p["accuracy"] is None else f"{p['accuracy']:.1%}",
+                      "-" if p["effective_accuracy"] is None else f"{p['effective_accuracy']:.1%}", mix)
     console.print(table)
+    if run_ea is not None:
+        console.print(f"effective accuracy of the run: {run_ea:.1%} of {len(everything)} requests answered correctly "
+                      f"within {deadline_ms:g} ms of when they were due")
     return {"model": model_name, "archive": str(mar), "phases": phases, "switches": switches,
-            "most_accurate": top, "front": front, "concurrency": concurrency, "idle_rate": idle_rate}
+            "most_accurate": top, "front": front, "served": served.to_dict(), "memory": memory,
+            "capacity_rps": capacity, "light_rate": light_rate, "burst_rate": burst_rate,
+            "effective_accuracy": run_ea, "deadline_ms": deadline_ms}

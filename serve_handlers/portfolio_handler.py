@@ -39,8 +39,9 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from dnnshifter_lightning.images import ImageRejected, decode_image, install_bomb_guard
 from dnnshifter_lightning.policy import LoadPolicy, PolicyConfig, profiles_from_manifest
-from dnnshifter_lightning.portfolio import pareto_front
+from dnnshifter_lightning.portfolio import read_manifest
 from dnnshifter_lightning.runtime import PinThrottled, PortfolioRuntime, SwitchError
+from dnnshifter_lightning.served import resolve_served_set
 from dnnshifter_lightning.serving import INITIAL_SWITCH_REASON, default_model_config
 
 logger = logging.getLogger(__name__)
@@ -66,13 +67,26 @@ class PortfolioHandler(BaseHandler):
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         self.options = opts = default_model_config({"handler": yaml_cfg.get("handler") or {}})["handler"]
         root = os.path.join(props.get("model_dir"), opts["portfolio_dir"])
-        try:  # checks every file's sha256 and loads every variant once
+        try:  # which variants to hold: the front above the accuracy floor, by default
+            fixed = opts.get("fixed_variant") or (opts.get("policy") or {}).get("fixed_variant")
+            served = resolve_served_set(read_manifest(root)["variants"], opts.get("variants"),
+                                        opts.get("min_accuracy"), fixed)
+        except Exception as exc:
+            logger.error("DNNSHIFTER_REFUSED portfolio %s cannot be served: %s", root, exc)
+            raise
+        logger.info("DNNSHIFTER_SERVED %s", json.dumps(served.to_dict()))
+        for warning in served.warnings:
+            logger.warning("DNNSHIFTER_WARNING %s", warning)
+        try:  # checks every file's sha256 and loads every served variant once
             self.runtime = PortfolioRuntime(root, memory_budget_mb=opts["memory_budget_mb"], profile_batch_sizes=None,
-                                            pin_inflate_interval_s=float(opts["pin_inflate_interval_s"]))
+                                            pin_inflate_interval_s=float(opts["pin_inflate_interval_s"]),
+                                            variants=list(served.ids))
             self.manifest = self.runtime.manifest
         except Exception as exc:
             logger.error("DNNSHIFTER_REFUSED portfolio %s cannot be served: %s", root, exc)
             raise
+        self.served = served
+        self._log_memory()
         threads = opts.get("torch_threads")
         if threads == "auto":  # leave half the cores to TorchServe's frontend and the clients
             threads = max(1, (os.cpu_count() or 2) // 2)
@@ -90,10 +104,9 @@ class PortfolioHandler(BaseHandler):
         self.switch_count, self.last_switch_ms = 0, math.nan
         try:
             config = self._policy_config()
-            # The policy moves along the accuracy/latency Pareto front only; pins may still use any variant.
-            keep = [config.fixed_variant] if config.fixed_variant else []
-            candidates = pareto_front(self.manifest["variants"], keep=keep)
-            logger.info("DNNSHIFTER_CANDIDATES %s of %s", json.dumps(candidates), json.dumps(self.runtime.variant_ids))
+            # the policy moves along the served set (the runtime holds nothing else), most accurate first
+            candidates = self.runtime.variant_ids
+            logger.info("DNNSHIFTER_CANDIDATES %s of %s", json.dumps(candidates), json.dumps(self.runtime.portfolio_ids))
             self.policy = LoadPolicy(candidates, self._profiles(props), config=config,
                                      max_batch_size=int(props.get("batch_size") or 1),
                                      max_batch_delay_ms=_batch_delay_ms(yaml_cfg))
@@ -102,6 +115,16 @@ class PortfolioHandler(BaseHandler):
             raise
         self._switch(self.policy.active_id, INITIAL_SWITCH_REASON)
         self.initialized = True
+
+    def _log_memory(self) -> None:
+        """Weights held for the served set (compressed + active) against the same set all inflated."""
+        rt = self.runtime
+        raw = {v["id"]: v.get("bytes_raw") for v in self.manifest["variants"]}
+        report = {"served": len(rt.variant_ids), "portfolio": len(rt.portfolio_ids),
+                  **{f"{k}_bytes": v for k, v in rt.resident_breakdown().items()},
+                  "served_all_inflated_bytes": rt.all_inflated_bytes(),
+                  "portfolio_file_bytes_raw": sum(b for b in raw.values() if isinstance(b, int))}
+        logger.info("DNNSHIFTER_MEMORY %s", json.dumps(report))
 
     def _policy_config(self) -> PolicyConfig:
         opts = self.options
@@ -188,8 +211,10 @@ class PortfolioHandler(BaseHandler):
             item = self._tensor(body if body is not None else b"")
             pin = headers.get(self.pin_header)
             if pin is not None and pin not in self.runtime.variant_ids and not isinstance(item, dict):
-                item = _bad(400, f"unknown variant {pin!r} in {self.options['pin_header']}; "
-                                 f"choose one of {self.runtime.variant_ids}")
+                why = ("is in the portfolio but not served here (dominated, below the accuracy floor or not "
+                       "listed in `variants`)" if pin in self.runtime.portfolio_ids else "is unknown")
+                item = _bad(400, f"variant {pin!r} in {self.options['pin_header']} {why}; "
+                                 f"choose one of the served variants {self.runtime.variant_ids}")
             items.append((item, pin))
         return items
 
@@ -277,6 +302,8 @@ class PortfolioHandler(BaseHandler):
             if not math.isnan(self.last_switch_ms):
                 metrics.add_metric("DNNShifterLastSwitchMs", self.last_switch_ms, "ms", None, [], MetricTypes.GAUGE)
             metrics.add_metric("DNNShifterResidentBytes", self.runtime.resident_bytes(), "bytes", None, [],
+                               MetricTypes.GAUGE)
+            metrics.add_metric("DNNShifterAllInflatedBytes", self.runtime.all_inflated_bytes(), "bytes", None, [],
                                MetricTypes.GAUGE)
             for vid, n in per_variant.items():
                 metrics.add_metric("DNNShifterRequests", n, "count", None, [Dimension("Variant", vid)],

@@ -19,7 +19,7 @@ import torch
 
 from dnnshifter_lightning.digits import DIGITS_INPUT_SPEC, load_digits_tensors
 from dnnshifter_lightning.models import DigitsCNN
-from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, save_variant, write_manifest
+from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, save_variant, sort_variants, write_manifest
 from dnnshifter_lightning.profile import count_params, measure_latency_ms
 
 WIDTHS = (128, 32, 8)
@@ -36,8 +36,17 @@ def _model(width: int, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def build_test_portfolio(out: Path, widths: tuple[int, ...] = WIDTHS) -> dict:
-    """Write a portfolio of DigitsCNN variants (widest first) to ``out``; returns the manifest."""
+#: Manifest accuracies that make WIDTHS a ladder (the widest is the most accurate). They are set,
+#: not measured: the variants' weights are random. Tests that need measured ones train a model.
+LADDER_ACCURACIES = (0.97, 0.95, 0.92)
+
+
+def build_test_portfolio(out: Path, widths: tuple[int, ...] = WIDTHS,
+                         accuracies: tuple[float | None, ...] | None = None) -> dict:
+    """Write a portfolio of DigitsCNN variants (widest first) to ``out``; returns the manifest.
+
+    ``accuracies`` (one per width) go into the manifest (default: none, as a portfolio built
+    without validation data)."""
     out.mkdir(parents=True, exist_ok=True)
     example = torch.randn(8, 1, 8, 8)
     variants = []
@@ -52,8 +61,13 @@ def build_test_portfolio(out: Path, widths: tuple[int, ...] = WIDTHS) -> dict:
             "params": n, "nonzero_params": n, "file": rel, "bytes_raw": info["bytes_raw"],
             "bytes_compressed": info["bytes_compressed"], "sha256": info["sha256"], "macs": 0,
             "latency_ms": {str(b): measure_latency_ms(model, example[:b], 2, 5) for b in (1, 8)},
-            "accuracy": None, "sparse_accuracy": None, "max_abs_diff": 0.0,
+            "accuracy": None if accuracies is None else accuracies[level], "sparse_accuracy": None,
+            "max_abs_diff": 0.0,
         })
+    if accuracies is not None:
+        for v, width in zip(variants, widths):  # the front must not depend on a noisy timing on a busy box
+            v["latency_ms"] = {"1": width / 32, "8": width / 4}  # ~ what one core measures, quiet
+        variants = sort_variants(variants)  # a manifest lists its variants most accurate first
     manifest = {"format_version": FORMAT_VERSION, "input_spec": dict(DIGITS_INPUT_SPEC), "variants": variants}
     write_manifest(out, manifest)
     return manifest

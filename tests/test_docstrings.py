@@ -18,7 +18,7 @@ MODULES = [
     "dnnshifter_lightning",
     *(f"dnnshifter_lightning.{name}" for name in (
         "masks", "imp", "structured", "portfolio", "graph", "profile", "builder", "runtime", "policy", "serving",
-        "loadgen", "digits", "models", "plot", "demo", "images", "checkpoints",
+        "loadgen", "served", "digits", "models", "plot", "demo", "images", "checkpoints",
     )),
 ]
 

@@ -25,7 +25,9 @@ from dnnshifter_lightning.runtime import PortfolioRuntime
 from dnnshifter_lightning.serving import (
     PIN_HEADER, JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches, run_load,
 )
-from serve_fixtures import bomb_png, build_test_portfolio, digits_samples, json_body, png_body, small_image
+from serve_fixtures import (
+    LADDER_ACCURACIES, bomb_png, build_test_portfolio, digits_samples, json_body, png_body, small_image,
+)
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -35,7 +37,7 @@ MODEL = "digits"
 @pytest.fixture(scope="module")
 def portfolio(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("portfolio")
-    build_test_portfolio(path)
+    build_test_portfolio(path, accuracies=LADDER_ACCURACIES)  # a ladder: every variant is on the front
     return path
 
 
@@ -487,17 +489,23 @@ def _demo_serving(portfolio_dir: Path, workdir: Path, **kw) -> tuple[dict, str]:
     return report, console.export_text()
 
 
-def test_demo_serving_reports_the_switches_and_each_phase(portfolio, local, tmp_path):
+def test_demo_serving_steps_down_under_the_burst_and_climbs_back(portfolio, local, tmp_path):
     report, text = _demo_serving(portfolio, tmp_path / "demo", burst_s=4.0, idle_s=15.0)
-    assert report["front"] == local.variant_ids  # no accuracies in this manifest: every variant is kept
-    assert sorted(report["phases"]) == ["burst", "idle", "light"]
+    assert report["front"] == local.variant_ids  # a ladder: every variant is on the front
+    assert sorted(report["phases"]) == ["burst", "light", "recovery"]
+    assert report["burst_rate"] == pytest.approx(2.5 * report["capacity_rps"])  # sized from the measured capacity
     for name, phase in report["phases"].items():
-        assert phase["requests"] > 0 and phase["errors"] == 0, (name, phase)
+        assert phase["requests"] > 0, (name, phase)
     order = local.variant_ids
-    downs = [s for s in report["switches"] if order.index(s["to"]) > order.index(s["from"])]
-    assert downs, report["switches"]
+    downs = [s for s in report["switches"] if s["direction"] == "down"]
+    ups = [s for s in report["switches"] if s["direction"] == "up"]
+    assert downs and ups and downs[0]["time"] < ups[-1]["time"], report["switches"]
+    assert ups[-1]["to"] == order[0]  # the climb ends on the most accurate variant
     assert "variant switches seen by the handler" in text and downs[0]["to"] in text
-    assert report["phases"]["idle"]["variants"].get(order[0]), "never back on the most accurate variant"
+    assert report["phases"]["recovery"]["variants"].get(order[0]), "never back on the most accurate variant"
+    assert 0 < report["effective_accuracy"] <= 1 and "effective accuracy of the run" in text
+    assert report["memory"]["total_bytes"] < report["memory"]["served_all_inflated_bytes"] + \
+        report["memory"]["compressed_bytes"] and "resident for the 3 served variants" in " ".join(text.split())
 
 
 def test_demo_serving_says_when_the_config_fixes_the_variant(portfolio, local, tmp_path):
@@ -526,5 +534,6 @@ def test_demo_serving_says_why_a_one_variant_front_never_switches(portfolio, tmp
     write_manifest(one, manifest)
     report, text = _demo_serving(one, tmp_path / "demo", burst_s=2.0, idle_s=5.0)
     assert report["front"] == serving_ids[:1] and report["switches"] == []
-    assert f"{serving_ids[0]} is both the most accurate and the cheapest" in " ".join(text.split())
+    assert f"{serving_ids[0]} is the only served variant" in " ".join(text.split())
+    assert "both the most accurate and the cheapest" in " ".join(text.split())
     assert set(report["phases"]["burst"]["variants"]) == {serving_ids[0]}
