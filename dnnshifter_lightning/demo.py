@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,90 @@ from rich.console import Console
 from .digits import DigitsClassifier, DigitsDataModule
 from .imp import IterativeMagnitudePruning
 
-__all__ = ["run_demo", "DEMO_DEFAULTS"]
+__all__ = ["run_demo", "DEMO_DEFAULTS", "LadderReport", "ladder_report", "LADDER_CRITERIA"]
+
+#: What the demo's portfolio must show to be a ladder worth switching along (issue 9): on the front of
+#: validation accuracy against batch-8 latency, at least ``members`` variants, at least ``points``
+#: accuracy points and ``samples`` validation samples between the most and least accurate, and at
+#: least ``latency_ratio`` between the slowest and the fastest.
+LADDER_CRITERIA: dict[str, float] = {"members": 4, "points": 3.0, "samples": 10, "latency_ratio": 3.0}
+
+
+@dataclass(frozen=True)
+class LadderReport:
+    """How a portfolio's front measures against :data:`LADDER_CRITERIA`; ``problems`` is empty when it passes."""
+
+    front: list[str]
+    accuracy_points: float | None
+    accuracy_samples: int | None
+    latency_ratio: float | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        """One line per criterion, as the demo prints them."""
+        pts = "?" if self.accuracy_points is None else f"{self.accuracy_points:.1f}"
+        smp = "?" if self.accuracy_samples is None else str(self.accuracy_samples)
+        lat = "?" if self.latency_ratio is None else f"{self.latency_ratio:.1f}x"
+        return [f"front: {len(self.front)} variants ({', '.join(self.front)})",
+                f"accuracy spread: {pts} points, {smp} validation samples",
+                f"batch-8 latency spread: {lat}",
+                *(f"NOT MET: {p}" for p in self.problems)]
+
+
+def ladder_report(manifest: dict[str, Any], val_samples: int | None,
+                  criteria: dict[str, float] | None = None) -> LadderReport:
+    """Check a portfolio manifest's front (:func:`~dnnshifter_lightning.portfolio.pareto_front`) against the ladder criteria.
+
+    ``val_samples`` is the size of the validation set the accuracies were measured on (the manifest
+    does not record it); with ``None`` the sample criterion cannot be checked and is reported unmet.
+
+    Example::
+
+        >>> def v(vid, acc, ms8):
+        ...     return {"id": vid, "accuracy": acc, "latency_ms": {"1": ms8 / 4, "8": ms8}}
+        >>> ladder = [v("l2", 0.99, 30.0), v("l8", 0.98, 20.0), v("l10", 0.97, 12.0), v("l12", 0.95, 6.0)]
+        >>> report = ladder_report({"variants": ladder}, val_samples=360)
+        >>> report.ok, report.front, round(report.accuracy_points, 1), report.accuracy_samples, report.latency_ratio
+        (True, ['l2', 'l8', 'l10', 'l12'], 4.0, 14, 5.0)
+        >>> flat = [v("l2", 0.995, 30.0), v("l8", 0.994, 20.0), v("l10", 0.993, 19.0), v("l12", 0.992, 18.0)]
+        >>> ladder_report({"variants": flat}, val_samples=360).problems
+        ['accuracy spread 0.3 points < 3', 'accuracy spread 1 validation samples < 10', 'latency spread 1.7x < 3x']
+    """
+    from .portfolio import pareto_front
+
+    want = {**LADDER_CRITERIA, **(criteria or {})}
+    variants = manifest["variants"]
+    front_ids = pareto_front(variants)
+    front = [v for v in variants if v["id"] in set(front_ids)]
+    problems: list[str] = []
+    if len(front) < want["members"]:
+        problems.append(f"front has {len(front)} variants < {want['members']:g}")
+    accs = [v["accuracy"] for v in front if v.get("accuracy") is not None]
+    lats = [v["latency_ms"]["8"] for v in front if (v.get("latency_ms") or {}).get("8")]
+    points = samples = ratio = None
+    if len(accs) < len(front):
+        problems.append("accuracy not measured for every front variant (build with validation data)")
+    elif accs:
+        points = 100.0 * (max(accs) - min(accs))
+        if points < want["points"]:
+            problems.append(f"accuracy spread {points:.1f} points < {want['points']:g}")
+    if val_samples is None:
+        problems.append("validation sample count unknown")
+    elif points is not None:
+        samples = int(round(points / 100.0 * val_samples))
+        if samples < want["samples"]:
+            problems.append(f"accuracy spread {samples} validation samples < {want['samples']:g}")
+    if len(lats) < len(front):
+        problems.append("batch-8 latency not measured for every front variant")
+    elif lats:
+        ratio = max(lats) / min(lats)
+        if ratio < want["latency_ratio"]:
+            problems.append(f"latency spread {ratio:.1f}x < {want['latency_ratio']:g}x")
+    return LadderReport(front_ids, points, samples, ratio, problems)
 
 #: 16 levels at 30% reach 1 - 0.7**16 = 99.7% sparsity, past the point where digits accuracy starts to drop,
 #: so the portfolio holds a real accuracy/speed trade-off to switch along. The paper prunes 20% per level; the demo
@@ -99,16 +183,25 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
     trainer = L.Trainer(max_epochs=imp.total_epochs, callbacks=[*callbacks, RichProgressBar(leave=False)],
                         logger=CSVLogger(str(out), name="logs"), enable_checkpointing=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(out))
-    trainer.fit(DigitsClassifier(width=width), datamodule=DigitsDataModule())
+    datamodule = DigitsDataModule()
+    trainer.fit(DigitsClassifier(width=width), datamodule=datamodule)
     summary["imp"] = [{k: v for k, v in row.items() if k != "path"} for row in imp.history]
     summary["train_seconds"] = time.perf_counter() - started
 
     if build:
         from .portfolio import read_manifest
 
+        manifest = read_manifest(out / "portfolio")
         summary["portfolio"] = str(out / "portfolio")
-        summary["variants"] = len(read_manifest(out / "portfolio")["variants"])
+        summary["variants"] = len(manifest["variants"])
         console.print(f"Portfolio: {out / 'portfolio'} (manifest.json, variants, portfolio.png)")
+        console.rule("[bold]2. The ladder: the front of validation accuracy against batch-8 latency")
+        report = ladder_report(manifest, val_samples=len(datamodule.val_dataloader().dataset))
+        summary["ladder"] = asdict(report) | {"ok": report.ok}
+        for line in report.lines():
+            console.print(f"[yellow]{line}[/]" if line.startswith("NOT MET") else line, highlight=False)
+        console.print("[green]ladder criteria met[/]" if report.ok else
+                      "[yellow]this portfolio is not a ladder worth switching along (see NOT MET above)[/]")
 
     if build and serve:
         console.rule("[bold]3. Serving the portfolio with TorchServe, switching as load changes")
