@@ -22,7 +22,7 @@ def test_demo_command_trains_and_builds_a_portfolio(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--levels", "2", "--epochs-per-level", "1",
                                       "--width", "8", "--no-serve"])
     assert result.exit_code == 0, result.output
-    assert "Iterative Magnitude Pruning: 3 levels at 45%" in result.output  # the end-of-fit table
+    assert "Iterative Magnitude Pruning: 3 levels at 70%" in result.output  # the end-of-fit table
     assert sorted(p.name for p in (out / "imp").glob("level_*.ckpt")) == ["level_00.ckpt", "level_01.ckpt",
                                                                         "level_02.ckpt"]
     manifest = json.loads((out / "portfolio" / "manifest.json").read_text())
