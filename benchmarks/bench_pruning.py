@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import sys
 import tempfile
@@ -42,7 +43,7 @@ from rich.table import Table
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, machine_line, markdown_table, median, update_readme, write_json  # noqa: E402
+from _common import RESULTS, machine, machine_line, markdown_table, median, update_readme, write_json  # noqa: E402
 
 from dnnshifter_lightning.models import cifar_vgg16  # noqa: E402
 from dnnshifter_lightning.structured import _prune, clear_analysis_cache, prune_structurally  # noqa: E402
@@ -231,8 +232,10 @@ def bench_digits(levels: int, epochs_per_level: int, prune_fraction: float, widt
     return result
 
 
-def bench_digits_checkpoints(imp_dir: Path, max_ft_epochs: int) -> dict:
-    """Time to a variant from level checkpoints that IMP already wrote (e.g. ``make demo``'s)."""
+def bench_digits_checkpoints(imp_dir: Path, max_ft_epochs: int, lat_rounds: int = 30,
+                             levels: list[int] | None = None) -> dict:
+    """Variant vs sparse source and time to a variant, from level checkpoints that IMP already wrote
+    (e.g. ``make demo``'s)."""
     from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
 
     dm = DigitsDataModule(batch_size=64)
@@ -244,22 +247,52 @@ def bench_digits_checkpoints(imp_dir: Path, max_ft_epochs: int) -> dict:
         modules.append((int(meta.get("level", path.stem[-2:])), meta.get("sparsity", float("nan")), module))
     if len(modules) < 2 or modules[0][0] != 0:
         raise SystemExit(f"--imp-dir {imp_dir}: need level_00.ckpt and later levels")
-    result = time_to_variants(modules, dm, max_ft_epochs)
+    result = time_to_variants(modules, dm, max_ft_epochs, levels=levels)
     result.update({"imp_dir": str(imp_dir), "width": modules[0][2].hparams.get("width"),
-                   "levels": modules[-1][0]})
+                   "levels": modules[-1][0], "conventional_levels": levels,
+                   "variant_vs_sparse": variant_vs_sparse(modules, dm, lat_rounds),
+                   "torch_threads": torch.get_num_threads(), "machine": machine()})
     return result
 
 
-def time_to_variants(modules: list, dm, max_ft_epochs: int, min_shrink: float = 1.1) -> dict:
+def variant_vs_sparse(modules: list, dm, lat_rounds: int) -> list[dict]:
+    """Every level's variant against its own sparse checkpoint: parameters, zstd file size (as
+    ``save_variant`` stores it), and CPU latency at batch 1 and 8 (medians of interleaved rounds, on
+    the torch threads of this process), plus both accuracies on the validation split."""
+    xv, yv = dm._val.tensors
+    shape = tuple(xv.shape[1:])
+    rows = []
+    for level, sparsity, module in modules:
+        sparse = module.model.eval()
+        ours = prune_structurally(sparse, xv[:64])
+        lat = {b: latencies({"sparse": sparse, "variant": ours.model}, shape, b, lat_rounds) for b in (1, 8)}
+        _, zst_s = file_bytes(sparse, xv[:2], "save_variant")
+        _, zst_v = file_bytes(ours.model, xv[:2], "save_variant")
+        rows.append({
+            "level": level, "sparsity": sparsity, "params_sparse": ours.params_before, "params_variant": ours.params_after,
+            "param_ratio": ours.params_before / ours.params_after, "bytes_zstd_sparse": zst_s, "bytes_zstd_variant": zst_v,
+            "file_ratio_zstd": zst_s / zst_v, "latency_ms": {str(b): lat[b] for b in lat},
+            "latency_ratio": {str(b): lat[b]["sparse"] / lat[b]["variant"] for b in lat},
+            "accuracy_sparse": _accuracy(sparse, xv, yv), "accuracy_variant": _accuracy(ours.model, xv, yv),
+        })
+        console.log(f"digits level {level}: {rows[-1]['param_ratio']:.2f}x fewer params, "
+                    f"{rows[-1]['latency_ratio']['8']:.2f}x faster at batch 8")
+    return rows
+
+
+def time_to_variants(modules: list, dm, max_ft_epochs: int, min_shrink: float = 1.1,
+                     levels: list[int] | None = None) -> dict:
     """Ours (structural pruning, no fine-tuning) against Torch-Pruning to the same size + fine-tuning,
     for every level whose variant is at least ``min_shrink`` times smaller than the dense model (for
-    the others there is nothing to prune conventionally)."""
+    the others there is nothing to prune conventionally), or only for ``levels`` when given."""
     xv, yv = dm._val.tensors
     xt, yt = dm._train.tensors
     dense = modules[0][2].model
     dense_params = sum(p.numel() for p in dense.parameters())
     rows, skipped = [], []
     for level, sparsity, module in modules[1:]:
+        if levels is not None and level not in levels:
+            continue
         ours = prune_structurally(module, xv[:64])
         if ours.params_after * min_shrink > dense_params:
             skipped.append(level)
@@ -313,24 +346,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-finetune-epochs", type=int, default=20)
     ap.add_argument("--imp-dir", type=Path, help="digits level checkpoints to use (e.g. demo_out/imp from make demo) "
                     "instead of training a small IMP run here")
-    ap.add_argument("--readme", action="store_true", help="replace the README block bench:bench_pruning")
+    ap.add_argument("--conventional-levels", type=int, nargs="+",
+                    help="with --imp-dir: run prune + fine-tune only for these levels (it is the slow part)")
+    ap.add_argument("--digits-only", action="store_true",
+                    help="with --imp-dir: only the digits tables; keeps the architectures' results of the last run")
+    ap.add_argument("--readme", action="store_true", help="replace the README blocks bench:bench_pruning(_digits)")
     args = ap.parse_args(argv)
+    if args.digits_only and not args.imp_dir:
+        ap.error("--digits-only needs --imp-dir")
     if args.quick:
         args.rounds, args.latency_rounds, args.sparsities, args.max_finetune_epochs = 2, 3, [0.95], 2
     size_method = "state_dict+zstd" if args.quick else "save_variant"
     torch.manual_seed(0)
 
     arch_rows = []
-    for name in args.archs:
-        arch_rows += bench_architecture(name, args.sparsities, args.rounds, args.latency_rounds, size_method)
+    previous = RESULTS / "bench_pruning.json"
+    if args.digits_only:  # the architectures' rows (and their machine) stay those of the last full run
+        old = json.loads(previous.read_text()) if previous.exists() else {}
+        arch_rows = old.get("architectures", [])
+    else:
+        for name in args.archs:
+            arch_rows += bench_architecture(name, args.sparsities, args.rounds, args.latency_rounds, size_method)
     if args.imp_dir:
-        digits = bench_digits_checkpoints(args.imp_dir, args.max_finetune_epochs)
+        digits = bench_digits_checkpoints(args.imp_dir, args.max_finetune_epochs, args.latency_rounds,
+                                          args.conventional_levels)
     else:
         digits = bench_digits(levels=2 if args.quick else 5, epochs_per_level=1 if args.quick else 4,
                               prune_fraction=0.5 if args.quick else 0.4, width=16 if args.quick else 32,
                               max_ft_epochs=args.max_finetune_epochs)
     result = {"benchmark": "bench_pruning", "machine": machine(), "quick": args.quick, "checkpoints": SPARSITY_NOTE,
               "file_size_method": size_method, "architectures": arch_rows, "digits_time_to_variant": digits}
+    if args.digits_only:
+        result["machine"] = old.get("machine", result["machine"])  # the architectures' machine; digits has its own
     path = write_json("bench_pruning" + ("_quick" if args.quick else ""), result)
 
     headers = ["model", "sparsity", "prune ms", "first ms", "params x", "file x (zstd)", "latency x b1", "latency x b8",
@@ -346,6 +393,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               d["conventional_finetune_epochs"],
               f"{d['speedup']:.0f}x" if d["recovered"] else f">= {d['speedup']:.0f}x (not recovered)"]
              for d in digits["rows"]]
+    vheaders = ["level", "sparsity", "acc sparse", "acc variant", "params (sparse -> variant)", "params x",
+                "file x (zstd)", "ms b1 (sparse -> variant)", "latency x b1", "ms b8 (sparse -> variant)", "latency x b8"]
+    vrows = [[v["level"], f"{v['sparsity']:.2%}", f"{v['accuracy_sparse']:.3f}", f"{v['accuracy_variant']:.3f}",
+              f"{v['params_sparse']:,} -> {v['params_variant']:,}", f"{v['param_ratio']:.2f}", f"{v['file_ratio_zstd']:.2f}",
+              f"{v['latency_ms']['1']['sparse']:.2f} -> {v['latency_ms']['1']['variant']:.2f}",
+              f"{v['latency_ratio']['1']:.2f}",
+              f"{v['latency_ms']['8']['sparse']:.2f} -> {v['latency_ms']['8']['variant']:.2f}",
+              f"{v['latency_ratio']['8']:.2f}"] for v in digits.get("variant_vs_sparse", [])]
+    digits_machine = digits.get("machine", result["machine"])
     digits_note = (f"Digits: {'level checkpoints of ' + digits['imp_dir'] if 'imp_dir' in digits else 'a small IMP run'}"
                    f" (DigitsCNN width {digits['width']}, dense {digits['dense_params']:,} parameters); levels "
                    f"{digits['levels_skipped_not_smaller'] or 'none'} skipped: their variant is not 1.1x smaller than "
@@ -353,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    f"after Torch-Pruning's L1 pruning to the same size, until the variant's accuracy or "
                    f"{digits['max_finetune_epochs']} epochs. Neither counts IMP training.")
     for title, h, rs in (("Structural pruning: variant vs sparse source", headers, rows),
+                         ("Digits: each variant vs its sparse source", vheaders, vrows),
                          ("Digits: time to a variant (ours: no fine-tuning)", dheaders, drows)):
         table = Table(title=title)
         for col in h:
@@ -362,10 +419,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         console.print(table)
     console.print(f"Machine: {machine_line(result['machine'])}. {SPARSITY_NOTE}. Results: {path}")
     if args.readme:
-        md = (markdown_table(headers, rows) + f"\n\n{TIME_NOTE}. {SPARSITY_NOTE}.\n\n" + markdown_table(dheaders, drows)
-              + f"\n\n{digits_note} Machine: {machine_line(result['machine'])}.")
-        if not update_readme("bench_pruning", md):
-            console.print("README has no <!-- bench:bench_pruning --> block; table not written")
+        if not args.digits_only:
+            md = (markdown_table(headers, rows) + f"\n\n{TIME_NOTE}. {SPARSITY_NOTE}. "
+                  f"Machine: {machine_line(result['machine'])}.")
+            if not update_readme("bench_pruning", md):
+                console.print("README has no <!-- bench:bench_pruning --> block; table not written")
+        vnote = (f"Each level of {digits.get('imp_dir', 'the IMP run')} against its own sparse checkpoint: the variant "
+                 f"is what structural pruning made of it, no fine-tuning; latency medians of {args.latency_rounds} "
+                 f"interleaved rounds on {digits.get('torch_threads', '?')} torch thread(s).")
+        md = ((markdown_table(vheaders, vrows) + f"\n\n{vnote}\n\n" if vrows else "")
+              + markdown_table(dheaders, drows) + f"\n\n{digits_note} Machine: {machine_line(digits_machine)}.")
+        if not update_readme("bench_pruning_digits", md):
+            console.print("README has no <!-- bench:bench_pruning_digits --> block; table not written")
     return result
 
 

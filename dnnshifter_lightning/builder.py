@@ -451,20 +451,32 @@ def _fmt_pct(x: float | None) -> str:
 def portfolio_table(manifest: dict[str, Any], title: str = "portfolio") -> Table:
     """A rich table of the variants, most accurate first, with the sparse source alongside.
 
+    The ``front`` column marks the accuracy/latency front (:func:`~dnnshifter_lightning.portfolio.pareto_front`,
+    validation accuracy against batch-8 latency) with ``*``; dominated variants are dimmed, and the
+    caption says how many variants are on the front.
+
     Example::
 
-        >>> variant = {"id": "level_03", "sparsity": 0.488, "accuracy": 0.97, "sparse_accuracy": 0.97,
-        ...            "params": 9000, "macs": 120000, "bytes_compressed": 40960, "max_abs_diff": 1e-7,
-        ...            "latency_ms": {"1": 0.2, "8": 0.5},
-        ...            "sparse": {"params": 18000, "latency_ms": {"1": 0.4, "8": 1.0}}}
-        >>> table = portfolio_table({"variants": [variant]}, title="my portfolio")
-        >>> table.title, table.row_count, [c.header for c in table.columns][:4]
-        ('my portfolio', 1, ['variant', 'sparsity', 'accuracy', 'sparse acc'])
+        >>> def variant(vid, acc, ms8):
+        ...     return {"id": vid, "sparsity": 0.488, "accuracy": acc, "sparse_accuracy": acc,
+        ...             "params": 9000, "macs": 120000, "bytes_compressed": 40960, "max_abs_diff": 1e-7,
+        ...             "latency_ms": {"1": 0.2, "8": ms8},
+        ...             "sparse": {"params": 18000, "latency_ms": {"1": 0.4, "8": 1.0}}}
+        >>> manifest = {"variants": [variant("level_03", 0.97, 0.5), variant("level_01", 0.96, 0.9)]}
+        >>> table = portfolio_table(manifest, title="my portfolio")
+        >>> table.title, table.row_count, [c.header for c in table.columns][:5]
+        ('my portfolio', 2, ['variant', 'front', 'sparsity', 'accuracy', 'sparse acc'])
+        >>> list(table.columns[1].cells), table.caption     # level_01 is slower and less accurate
+        (['*', ''], 'front (*): 1 of 2 variants (validation accuracy vs batch-8 latency)')
         >>> from rich.console import Console
         >>> Console(width=200).print(table)  # doctest: +SKIP
     """
-    table = Table(title=title)
-    for col, just in [("variant", "left"), ("sparsity", "right"), ("accuracy", "right"), ("sparse acc", "right"),
+    from .portfolio import pareto_front  # here, not at the top: keeps this change apart from the build's imports
+
+    front = set(pareto_front(manifest["variants"]))
+    table = Table(title=title, caption=f"front (*): {len(front)} of {len(manifest['variants'])} variants "
+                                       "(validation accuracy vs batch-8 latency)")
+    for col, just in [("variant", "left"), ("front", "center"), ("sparsity", "right"), ("accuracy", "right"), ("sparse acc", "right"),
                       ("params", "right"), ("x smaller", "right"), ("MACs", "right"), ("file KiB", "right"),
                       ("ms @1", "right"), ("ms @8", "right"), ("x faster @1", "right"), ("max |diff|", "right")]:
         table.add_column(col, justify=just, no_wrap=col == "variant")  # type: ignore[arg-type]
@@ -473,10 +485,12 @@ def portfolio_table(manifest: dict[str, Any], title: str = "portfolio") -> Table
         ratio = f"{sp['params'] / v['params']:.2f}" if sp.get("params") and v["params"] else "-"
         speed = (f"{sp['latency_ms']['1'] / v['latency_ms']['1']:.2f}"
                  if sp.get("latency_ms") and v["latency_ms"]["1"] else "-")
-        table.add_row(v["id"], f"{100 * v['sparsity']:.1f}%", _fmt_pct(v["accuracy"]), _fmt_pct(v["sparse_accuracy"]),
-                      _fmt_int(v["params"]), ratio, _fmt_int(v["macs"]), f"{v['bytes_compressed'] / 1024:.1f}",
-                      f"{v['latency_ms']['1']:.3f}", f"{v['latency_ms']['8']:.3f}", speed,
-                      "-" if v["max_abs_diff"] is None else f"{v['max_abs_diff']:.2e}")
+        on_front = v["id"] in front
+        table.add_row(v["id"], "*" if on_front else "", f"{100 * v['sparsity']:.1f}%", _fmt_pct(v["accuracy"]),
+                      _fmt_pct(v["sparse_accuracy"]), _fmt_int(v["params"]), ratio, _fmt_int(v["macs"]),
+                      f"{v['bytes_compressed'] / 1024:.1f}", f"{v['latency_ms']['1']:.3f}", f"{v['latency_ms']['8']:.3f}",
+                      speed, "-" if v["max_abs_diff"] is None else f"{v['max_abs_diff']:.2e}",
+                      style=None if on_front else "dim")
     return table
 
 

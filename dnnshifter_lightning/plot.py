@@ -1,4 +1,8 @@
-"""``portfolio.png``: accuracy against size and against latency, variants beside their sparse sources.
+"""``portfolio.png``: accuracy against size and against batch-8 latency, with the front highlighted.
+
+The front is :func:`~dnnshifter_lightning.portfolio.pareto_front` (validation accuracy against
+batch-8 latency on the build machine), the set the server switches along: its members are joined by
+a line and labelled, dominated variants are greyed. Each variant's sparse source is a cross.
 
 matplotlib is the optional ``plot`` extra (``pip install 'dnnshifter-lightning[plot]'``); without it
 :func:`plot_portfolio` warns and returns ``None``.
@@ -17,23 +21,49 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_portfolio"]
+from .portfolio import pareto_front
+
+__all__ = ["plot_portfolio", "plot_points"]
+
+
+def plot_points(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """What :func:`plot_portfolio` draws, one dict per variant in level order (pure Python).
+
+    ``front`` says whether the variant is on :func:`~dnnshifter_lightning.portfolio.pareto_front`
+    (drawn in colour, joined and labelled) or dominated (drawn grey). Accuracy is in percent, 0 when
+    not measured.
+
+    Example::
+
+        >>> def variant(vid, level, acc, ms8):
+        ...     return {"id": vid, "level": level, "params": 1000, "accuracy": acc, "latency_ms": {"1": 1.0, "8": ms8}}
+        >>> points = plot_points({"variants": [variant("a", 0, 0.95, 9.0), variant("b", 1, 0.97, 8.0),
+        ...                                    variant("c", 2, 0.90, 3.0)]})
+        >>> [(p["id"], p["front"]) for p in points]                # a is slower and less accurate than b
+        [('a', False), ('b', True), ('c', True)]
+    """
+    variants = sorted(manifest["variants"], key=lambda v: v["level"])
+    front = set(pareto_front(variants))
+    return [{"id": v["id"], "level": v["level"], "front": v["id"] in front,
+             "accuracy_pct": 0.0 if v["accuracy"] is None else 100.0 * v["accuracy"],
+             "params": v["params"], "latency_ms_8": v["latency_ms"]["8"]} for v in variants]
 
 
 def plot_portfolio(manifest: dict[str, Any], path: str | os.PathLike[str]) -> Path | None:
-    """Write a two-panel PNG: accuracy vs stored parameters, and accuracy vs batch-1 latency.
+    """Write a two-panel PNG: accuracy vs stored parameters, and accuracy vs batch-8 latency.
 
-    One circle per variant and one cross per sparse checkpoint it came from, labelled by level and
-    joined by a grey line. Variants without a measured accuracy are plotted at accuracy 0 in a
-    note-marked figure. Returns the path written, or ``None`` when matplotlib is missing.
+    Front members (:func:`plot_points`) are blue circles joined by a line and labelled by level;
+    dominated variants are grey. One cross per sparse checkpoint a variant came from, joined to it
+    by a faint line. Variants without a measured accuracy are plotted at accuracy 0 in a note-marked
+    figure. Returns the path written, or ``None`` when matplotlib is missing.
 
     Example::
 
         >>> import tempfile
         >>> from pathlib import Path
         >>> def variant(level, params, ms, acc):
-        ...     return {"level": level, "params": params, "latency_ms": {"1": ms, "8": 4 * ms},
-        ...             "accuracy": acc, "sparse_accuracy": acc,
+        ...     return {"id": f"level_{level:02d}", "level": level, "params": params,
+        ...             "latency_ms": {"1": ms, "8": 4 * ms}, "accuracy": acc, "sparse_accuracy": acc,
         ...             "sparse": {"params": 20000, "latency_ms": {"1": 0.5, "8": 2.0}}}
         >>> manifest = {"variants": [variant(0, 20000, 0.5, 0.97), variant(4, 9000, 0.3, 0.96)],
         ...             "build": {"latency_threads": 1, "torch_version": "2.x"}}
@@ -53,6 +83,7 @@ def plot_portfolio(manifest: dict[str, Any], path: str | os.PathLike[str]) -> Pa
         return None
 
     variants = sorted(manifest["variants"], key=lambda v: v["level"])
+    points = {p["id"]: p for p in plot_points(manifest)}
     measured = all(v["accuracy"] is not None for v in variants)
 
     def pct(x: float | None) -> float:
@@ -60,19 +91,39 @@ def plot_portfolio(manifest: dict[str, Any], path: str | os.PathLike[str]) -> Pa
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
     panels = [("parameters stored", lambda v: v["params"], lambda s: s.get("params")),
-              ("latency, batch 1 (ms)", lambda v: v["latency_ms"]["1"], lambda s: (s.get("latency_ms") or {}).get("1"))]
+              ("latency, batch 8 (ms)", lambda v: v["latency_ms"]["8"], lambda s: (s.get("latency_ms") or {}).get("8"))]
+    labelled: set[str] = set()
+
+    def label(name: str) -> str | None:  # each legend entry once per panel
+        if name in labelled:
+            return None
+        labelled.add(name)
+        return name
+
     for ax, (xlabel, vx, sx) in zip(axes, panels):
-        for i, v in enumerate(variants):
+        labelled.clear()
+        for v in variants:
+            on_front = points[v["id"]]["front"]
             sparse = v.get("sparse") or {}
             x_var, y_var = vx(v), pct(v["accuracy"])
             x_sp, y_sp = sx(sparse), pct(v["sparse_accuracy"])
             if x_sp is not None:
-                ax.plot([x_sp, x_var], [y_sp, y_var], color="0.8", lw=1, zorder=1)
-                ax.scatter([x_sp], [y_sp], marker="x", color="tab:red", s=40, zorder=2,
-                           label="sparse checkpoint" if i == 0 else None)
-            ax.scatter([x_var], [y_var], marker="o", color="tab:blue", s=40, zorder=3,
-                       label="pruned variant" if i == 0 else None)
-            ax.annotate(f"L{v['level']}", (x_var, y_var), textcoords="offset points", xytext=(5, 4), fontsize=8)
+                ax.plot([x_sp, x_var], [y_sp, y_var], color="0.88", lw=0.8, zorder=1)
+                ax.scatter([x_sp], [y_sp], marker="x", color="tab:red", alpha=0.45, s=30, zorder=2,
+                           label=label("sparse checkpoint"))
+            if on_front:
+                ax.scatter([x_var], [y_var], marker="o", color="tab:blue", s=50, zorder=4,
+                           label=label("variant on the front"))
+                ax.annotate(f"L{v['level']}", (x_var, y_var), textcoords="offset points", xytext=(5, 4),
+                            fontsize=8, fontweight="bold", color="tab:blue")
+            else:
+                ax.scatter([x_var], [y_var], marker="o", color="0.7", s=30, zorder=3,
+                           label=label("dominated variant"))
+                ax.annotate(f"L{v['level']}", (x_var, y_var), textcoords="offset points", xytext=(5, -9),
+                            fontsize=7, color="0.6")
+        front = sorted((v for v in variants if points[v["id"]]["front"]), key=vx)
+        ax.plot([vx(v) for v in front], [pct(v["accuracy"]) for v in front], color="tab:blue", lw=1.2,
+                zorder=3, label=label("front (accuracy vs batch-8 latency)"))
         xs = [x for v in variants for x in (vx(v), sx(v.get("sparse") or {})) if x]
         if xs and max(xs) / min(xs) > 20:  # log only where it spans orders of magnitude
             ax.set_xscale("log")
@@ -85,10 +136,12 @@ def plot_portfolio(manifest: dict[str, Any], path: str | os.PathLike[str]) -> Pa
         ax.margins(x=0.08, y=0.12)
         ax.legend(loc="best", fontsize=8)
     axes[0].set_title("accuracy vs size")
-    axes[1].set_title("accuracy vs latency")
+    axes[1].set_title("accuracy vs batch-8 latency (the front is drawn here)")
     build = manifest.get("build", {})
     note = "" if measured else "  (accuracy not measured: plotted at 0)"
-    fig.suptitle(f"DNNShifter portfolio: {len(variants)} variants, {build.get('latency_threads', '?')} thread(s), "
+    n_front = sum(p["front"] for p in points.values())
+    fig.suptitle(f"DNNShifter portfolio: {len(variants)} variants, {n_front} on the front; latency on "
+                 f"{build.get('latency_threads', '?')} thread(s), "
                  f"torch {build.get('torch_version', '?')}{note}", fontsize=10)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,16 @@ def test_demo_command_trains_and_builds_a_portfolio(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--levels", "2", "--epochs-per-level", "1",
                                       "--width", "8", "--no-serve"])
     assert result.exit_code == 0, result.output
-    assert "Iterative Magnitude Pruning: 3 levels at 30%" in result.output  # the end-of-fit table
+    assert "Iterative Magnitude Pruning: 3 levels at 70%" in result.output  # the end-of-fit table
     assert sorted(p.name for p in (out / "imp").glob("level_*.ckpt")) == ["level_00.ckpt", "level_01.ckpt",
                                                                         "level_02.ckpt"]
     manifest = json.loads((out / "portfolio" / "manifest.json").read_text())
     assert len(manifest["variants"]) == 3
     summary = json.loads((out / "summary.json").read_text())
     assert [row["level"] for row in summary["imp"]] == [0, 1, 2]
+    # three variants cannot make a four-member front: the demo says so instead of claiming a ladder
+    assert summary["ladder"]["ok"] is False and "front has" in " ".join(summary["ladder"]["problems"])
+    assert "NOT MET" in result.output
     # a second run into the same place is refused instead of overwriting the checkpoints
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--levels", "2", "--no-serve"])
     assert again.exit_code == 1 and "already holds level checkpoints" in again.output
