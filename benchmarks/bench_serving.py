@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, machine_line, markdown_table, median, update_readme, write_json  # noqa: E402
 
-from dnnshifter_lightning.loadgen import effective_accuracy, per_second, run_schedule  # noqa: E402
+from dnnshifter_lightning.loadgen import per_second, run_schedule  # noqa: E402
 from dnnshifter_lightning.served import resolve_served_set  # noqa: E402
 from dnnshifter_lightning.serving import (  # noqa: E402
     TorchServeServer, build_archive, check_java, read_switches, run_load, summarize,
@@ -233,7 +233,7 @@ def main() -> None:
     served = resolve_served_set(manifest["variants"])
     front = list(served.ids)
     acc = {v["id"]: v["accuracy"] for v in manifest["variants"]}
-    top, cheapest = front[0], front[-1]
+    top = front[0]
     console.print(f"served set (front above the floor {served.floor}): {front}; dominated {list(served.dominated)}, "
                   f"below the floor {list(served.below_floor)}")
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -360,7 +360,7 @@ def _report(args, console, Table, manifest, served, front, acc, capacity, stair,
               + markdown_table(headers, step_rows) + "\n\nWhole staircase per contender:\n\n"
               + markdown_table(detail_headers, detail) + "\n\nSudden burst 0.3x -> 2.5x C:\n\n"
               + markdown_table(burst_headers, burst_rows)
-              + f"\n\nCapacities (req/s, closed loop, 32 clients): "
+              + "\n\nCapacities (req/s, closed loop, 32 clients): "
               + ", ".join(f"{k} {v:.0f}" for k, v in capacity.items())
               + f".\n\n{machine_line(m)}; exclusive CPU lock.")
         if not update_readme(NAME, md):

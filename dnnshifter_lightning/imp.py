@@ -343,7 +343,7 @@ class IterativeMagnitudePruning(Callback):
                 "IMP with it, before the last level. Remove EarlyStopping. Every level trains epochs_per_level "
                 "epochs and records its own final validation metrics; to keep each level's best epoch instead, "
                 "add a ModelCheckpoint(monitor=...) per run, and to train less, lower epochs_per_level (and "
-                f"max_epochs to match: (levels+1)*epochs_per_level)."
+                "max_epochs to match: (levels+1)*epochs_per_level)."
             )
         if not pl_module.automatic_optimization and trainer.accumulate_grad_batches != 1:
             raise ValueError("manual optimization with accumulate_grad_batches is not supported")

@@ -3,7 +3,6 @@ boundary, shuffled resumes, step-count schedulers, and the errors that name the 
 
 from __future__ import annotations
 
-import warnings
 
 import lightning as L
 import pytest

@@ -29,7 +29,6 @@ import zstandard
 
 from dnnshifter_lightning import graph as G
 from dnnshifter_lightning import portfolio as pf
-from dnnshifter_lightning.models import DigitsCNN
 from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, PortfolioError
 from dnnshifter_lightning.runtime import PortfolioRuntime
 
@@ -445,7 +444,6 @@ def test_golden_portfolio_loads_and_computes_the_stored_outputs(monkeypatch: pyt
 def test_fuzzed_graphs_give_portfolio_error_or_an_allow_listed_module(good, monkeypatch: pytest.MonkeyPatch) -> None:
     """Mutated graphs never run anything outside the allow-list: each load is a PortfolioError or a
     module whose every step is an allow-listed operator and which runs on a real batch."""
-    hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 

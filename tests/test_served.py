@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dnnshifter_lightning.policy import LoadPolicy, PolicyConfig
+from dnnshifter_lightning.policy import LoadPolicy
 from dnnshifter_lightning.portfolio import write_manifest
 from dnnshifter_lightning.runtime import PortfolioRuntime
 from dnnshifter_lightning.served import resolve_served_set
