@@ -11,7 +11,7 @@ import torch
 from dnnshifter_lightning.builder import portfolio_show_command
 from dnnshifter_lightning.demo import ladder_report
 from dnnshifter_lightning.plot import plot_points, plot_portfolio
-from dnnshifter_lightning.portfolio import save_variant, write_manifest
+from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, save_variant, write_manifest
 
 
 def _v(vid: str, acc: float | None, ms8: float, level: int = 0) -> dict:
@@ -53,11 +53,11 @@ def _portfolio(tmp_path):
     """A real portfolio directory: level_01 is slower than level_02 and less accurate, so it is dominated."""
     variants = []
     for vid, acc, ms8 in [("level_00", 0.99, 9.0), ("level_02", 0.97, 4.0), ("level_01", 0.96, 6.0)]:
-        info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), tmp_path / f"{vid}.pt2.zst")
+        info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), tmp_path / f"{vid}{VARIANT_SUFFIX}")
         variants.append({"id": vid, "level": int(vid[-1]), "sparsity": 0.0, "params": 8, "nonzero_params": 8,
                          "macs": 6, "latency_ms": {"1": ms8 / 4, "8": ms8}, "accuracy": acc, "sparse_accuracy": acc,
                          "max_abs_diff": 0.0, **info})
-    write_manifest(tmp_path, {"format_version": 1, "input_spec": {"shape": [3], "dtype": "float32"},
+    write_manifest(tmp_path, {"format_version": FORMAT_VERSION, "input_spec": {"shape": [3], "dtype": "float32"},
                               "variants": variants})
     return tmp_path
 
