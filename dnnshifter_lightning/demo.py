@@ -124,15 +124,15 @@ def ladder_report(manifest: dict[str, Any], val_samples: int | None,
             problems.append(f"latency spread {ratio:.1f}x < {want['latency_ratio']:g}x")
     return LadderReport(front_ids, points, samples, ratio, problems)
 
-#: 6 levels at 70% reach 1 - 0.3**6 = 99.93% sparsity. DigitsCNN(width=208) costs about 100 M MACs per sample
+#: 7 levels at 70% reach 1 - 0.3**7 = 99.98% sparsity. DigitsCNN(width=208) costs about 100 M MACs per sample
 #: dense, heavy enough that one TorchServe worker is the bottleneck of the serving step on 2 cores. Its channels
 #: only start to die, and so its latency only starts to fall, beyond about 99% sparsity: the last levels are where
 #: the variants get faster and where digits accuracy starts to drop, so the front is a ladder (:func:`ladder_report`
 #: checks it and the demo prints the result; docs/design-notes/demo-workload.md has the measurements). The paper
-#: prunes 20% per level; the demo takes far bigger steps so that 14 epochs of a 100 M-MAC model fit in a few minutes
+#: prunes 20% per level; the demo takes far bigger steps so that 16 epochs of a 100 M-MAC model fit in a few minutes
 #: on two CPU cores.
 DEMO_DEFAULTS: dict[str, Any] = {
-    "levels": 6,
+    "levels": 7,
     "prune_fraction": 0.7,
     "epochs_per_level": 2,
     "rewind_to": "1ep",
@@ -155,7 +155,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
     Example::
 
         >>> DEMO_DEFAULTS["levels"], DEMO_DEFAULTS["prune_fraction"], DEMO_DEFAULTS["width"]
-        (6, 0.7, 208)
+        (7, 0.7, 208)
         >>> summary = run_demo("demo_out", levels=4, epochs_per_level=1, serve=False)  # doctest: +SKIP
         >>> summary["variants"]  # doctest: +SKIP
         5
