@@ -1,0 +1,35 @@
+"""The core imports no framework: structural pruning, the portfolio format, the runtime and the
+policy work from plain PyTorch, with Lightning, TorchServe, LitServe and rich absent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKED = ("lightning", "pytorch_lightning", "ts", "litserve", "rich")
+CORE = ("structured", "portfolio", "graph", "runtime", "policy", "served", "masks", "images", "loadgen")
+
+
+def test_the_core_imports_with_the_frameworks_blocked():
+    script = textwrap.dedent(f"""
+        import importlib, importlib.abc, sys
+
+        class Blocker(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {BLOCKED!r}:
+                    raise ImportError("blocked by the layering test: " + name)
+
+        sys.meta_path.insert(0, Blocker())
+        for name in {CORE!r}:
+            importlib.import_module("dnnshifter_lightning." + name)
+        from dnnshifter_lightning import PortfolioRuntime, prune_structurally  # the public names
+        from dnnshifter_lightning.policy import LoadPolicy, PolicyConfig
+        from dnnshifter_lightning.portfolio import read_manifest, verify_portfolio
+        import torch
+        result = prune_structurally(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 4))
+        assert result.max_abs_diff == 0.0
+        print("core ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "core ok" in proc.stdout, proc.stderr[-3000:]
