@@ -1,12 +1,13 @@
-"""DNNShifter for PyTorch Lightning and TorchServe.
+"""DNNShifter for PyTorch Lightning, TorchServe and LitServe.
 
 * :class:`IterativeMagnitudePruning`: a Lightning callback running IMP with rewinding during ``fit``.
 * :class:`PortfolioBuilder` / :func:`prune_structurally`: exact structural pruning of the sparse
   checkpoints into a portfolio of smaller dense variants, with no fine-tuning.
 * :class:`PortfolioRuntime`: hosts the portfolio compressed and switches the active variant.
+* :class:`PortfolioLitAPI`: a ``litserve.LitAPI`` serving the portfolio with the load-adaptive policy.
 
 Names are imported lazily so that ``import dnnshifter_lightning`` stays cheap and the plain-torch
-core never pulls in Lightning or TorchServe.
+core never pulls in Lightning, TorchServe or LitServe.
 
 Example::
 
@@ -14,7 +15,8 @@ Example::
     >>> dnnshifter.__version__
     '0.1.0'
     >>> dir(dnnshifter)
-    ['IterativeMagnitudePruning', 'PortfolioBuilder', 'PortfolioRuntime', '__version__', 'prune_structurally']
+    ['IterativeMagnitudePruning', 'PortfolioBuilder', 'PortfolioLitAPI', 'PortfolioRuntime', '__version__',
+     'prune_structurally']
     >>> imp = dnnshifter.IterativeMagnitudePruning(levels=4, epochs_per_level=2)   # imported on first use
     >>> imp.total_epochs
     10
@@ -32,6 +34,7 @@ _EXPORTS = {
     "PortfolioBuilder": "dnnshifter_lightning.builder",
     "prune_structurally": "dnnshifter_lightning.structured",
     "PortfolioRuntime": "dnnshifter_lightning.runtime",
+    "PortfolioLitAPI": "dnnshifter_lightning.litserve_api",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]

@@ -1,0 +1,119 @@
+"""LitServe API that hosts a whole DNNShifter portfolio and switches variants as load changes.
+
+The same contract as the TorchServe handler, through the same code
+(:mod:`dnnshifter_lightning.serve_core`): ``POST /predict`` takes PNG/JPEG bytes or JSON
+``{"data": <one input without the batch dim>}`` and answers ``{"label", "scores", "variant"}``;
+a bad request gets a 4xx ``{"error": ..., "code": ...}`` while the rest of its batch is answered;
+the header ``X-DNNShifter-Variant: <id>`` pins a variant for one request. Options are the TorchServe
+handler's (``serving.DEFAULT_MODEL_CONFIG["handler"]``), with the same defaults and validation.
+
+Batching is LitServe's (``max_batch_size``, ``batch_timeout`` in seconds); auth belongs to the
+``LitServer``. The policy reads, per batch: its size, its service time (first request decoded to
+last output) and the mean queue delay of its requests (arrival at the HTTP endpoint to decoding,
+which TorchServe does not expose).
+
+Example::
+
+    import litserve
+    from dnnshifter_lightning import PortfolioLitAPI
+
+    api = PortfolioLitAPI("portfolio", max_batch_size=8, batch_timeout=0.005, slo_ms=50)
+    litserve.LitServer(api, accelerator="cpu").run(host="127.0.0.1", port=8000)
+"""
+
+# no ``from __future__ import annotations``: LitServe reads decode_request's annotation as an object
+import logging
+import os
+import time
+from typing import Annotated, Any
+
+import litserve as ls
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+
+from . import serve_core as core
+from .portfolio import read_manifest
+from .served import resolve_served_set
+from .serving import INITIAL_SWITCH_REASON
+
+logger = logging.getLogger(__name__)
+
+
+async def _read_request(request: Request) -> dict:
+    """The raw body, the headers and the arrival time: LitServe would otherwise parse JSON only."""
+    return {"body": await request.body(), "headers": {k.lower(): v for k, v in request.headers.items()},
+            "arrival": time.monotonic()}
+
+
+RawRequest = Annotated[dict, Depends(_read_request)]
+
+
+class PortfolioLitAPI(ls.LitAPI):
+    """Serves the portfolio in ``portfolio_dir``; ``options`` are the TorchServe handler's.
+
+    Options are checked here, in the process that builds the server (the policy settings, the
+    served set against the manifest), so a mistake fails before any worker starts.
+    """
+
+    def __init__(self, portfolio_dir: str | os.PathLike, *, max_batch_size: int = 8, batch_timeout: float = 0.005,
+                 api_path: str = "/predict", **options: Any):
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path)
+        self.portfolio_dir = str(portfolio_dir)
+        self.options = opts = core.default_options(options)
+        core.policy_config(opts)  # ValueError now, not in a worker
+        fixed = opts.get("fixed_variant") or (opts.get("policy") or {}).get("fixed_variant")
+        resolve_served_set(read_manifest(self.portfolio_dir)["variants"], opts.get("variants"),
+                           opts.get("min_accuracy"), fixed)
+        self.pin_header = str(opts["pin_header"]).lower()
+
+    def setup(self, device) -> None:
+        opts = self.options
+        self.served, self.runtime = core.open_runtime(self.portfolio_dir, opts)
+        if str(device) not in ("cpu", "None"):
+            logger.warning("DNNSHIFTER_DEVICE %s requested; the runtime serves on the CPU", device)
+        core.set_torch_threads(opts)
+        self.parser = core.RequestParser(self.runtime.manifest["input_spec"], opts)
+        self.policy = core.build_policy(self.runtime, opts, self.max_batch_size, self.batch_timeout * 1000.0)
+        self.switch_count = 0
+        self._batch_start = None
+        core.switch(self.runtime, self.policy, self.policy.active_id, INITIAL_SWITCH_REASON)
+
+    def decode_request(self, request: RawRequest):
+        if self._batch_start is None:
+            self._batch_start = time.perf_counter()
+        item = self.parser.parse(request.get("body"))
+        pin = request.get("headers", {}).get(self.pin_header)
+        if not isinstance(item, dict):
+            item = core.pin_error(pin, self.runtime, self.options["pin_header"]) or item
+        return item, pin, max(0.0, time.monotonic() - request.get("arrival", time.monotonic()))
+
+    def batch(self, inputs):
+        return list(inputs)
+
+    def predict(self, x):
+        if not isinstance(x, list):  # max_batch_size=1: LitServe passes the one request as it is
+            return self.predict([x])[0]
+        start = self._batch_start or time.perf_counter()
+        decision = self.policy.choose()
+        if decision.variant_id != self.runtime.active_id:
+            if core.switch(self.runtime, self.policy, decision.variant_id, decision.reason) is not None:
+                self.switch_count += 1
+        results, pinned_n, pinned_s = core.infer_batch(self.runtime, [(item, pin) for item, pin, _ in x])
+        if any(not isinstance(r, dict) for r in results):
+            service = time.perf_counter() - start
+            delay = sum(d for _, _, d in x) / len(x)
+            self.policy.observe(len(x), service, delay, pinned_requests=pinned_n,
+                                pinned_seconds=min(pinned_s, service))
+        self._batch_start = None
+        return results
+
+    def unbatch(self, output):
+        return list(output)
+
+    def encode_response(self, output):
+        if isinstance(output, dict):
+            headers = {"Retry-After": str(output["retry_after"])} if "retry_after" in output else None
+            return JSONResponse({"error": output["error"], "code": output["status"]}, status_code=output["status"],
+                                headers=headers)
+        vid, logits = output
+        return core.prediction(vid, logits)
