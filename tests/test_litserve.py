@@ -6,7 +6,10 @@ The server runs two APIs on the same portfolio: ``/predict`` (adaptive) and ``/f
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import shutil
 import os
 import signal
 import subprocess
@@ -67,13 +70,14 @@ def local(portfolio) -> PortfolioRuntime:
     return PortfolioRuntime(portfolio, profile_batch_sizes=None)
 
 
-@pytest.fixture(scope="module")
-def server(portfolio, local, tmp_path_factory):
-    port = free_port()
-    log = (tmp_path_factory.mktemp("litserve") / "server.log").open("w+b")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(portfolio), str(port), local.variant_ids[-1]],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+@contextlib.contextmanager
+def _litserve(args: list[str], port: int, log_dir: Path, cwd: Path | None = None):
+    """Run ``python ARGS`` (a LitServe server on ``port``) until healthy; always stopped, with its workers."""
+    log = (log_dir / "server.log").open("w+b")
+    env = dict(os.environ, PORT=str(port),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -85,7 +89,7 @@ def server(portfolio, local, tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, "LitServe never became healthy:\n" + _tail(log)
             time.sleep(0.2)
-        yield port
+        yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -96,6 +100,14 @@ def server(portfolio, local, tmp_path_factory):
                 proc.wait(10)
         log.close()
     assert proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def server(portfolio, local, tmp_path_factory):
+    port = free_port()
+    with _litserve(["-c", SERVER, str(portfolio), str(port), local.variant_ids[-1]], port,
+                   tmp_path_factory.mktemp("litserve")):
+        yield port
 
 
 def _tail(log) -> str:
@@ -199,3 +211,15 @@ def test_options_are_checked_before_any_worker_starts(portfolio):
         PortfolioLitAPI(portfolio, fixed_variant="no_such_variant")
     with pytest.raises(Exception, match="manifest"):
         PortfolioLitAPI(portfolio / "missing")
+
+
+def test_readme_litserve_example_runs_as_written(portfolio, local, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "PortfolioLitAPI(" in b)
+    shutil.copytree(portfolio, tmp_path / "portfolio")
+    port = free_port()
+    with _litserve(["-c", block], port, tmp_path, cwd=tmp_path):
+        x, _ = digits_samples(1)
+        status, reply = _post(port, json_body(x[0]))
+        assert status == 200, reply
+        _assert_matches_local(local, x[0], reply)
