@@ -223,3 +223,28 @@ def test_readme_litserve_example_runs_as_written(portfolio, local, tmp_path):
         status, reply = _post(port, json_body(x[0]))
         assert status == 200, reply
         _assert_matches_local(local, x[0], reply)
+
+
+def test_burst_steps_down_and_light_load_climbs_back(server, local):
+    from dnnshifter_lightning.loadgen import run_load
+
+    x, _ = digits_samples(64)
+    bodies = [json_body(x[i]) for i in range(len(x))]
+    top = local.variant_ids[0]
+    deadline = time.monotonic() + 30  # idle: the server is on (or returns to) the most accurate variant
+    while _post(server, bodies[0])[1]["variant"] != top:
+        assert time.monotonic() < deadline, "never on the most accurate variant while idle"
+        time.sleep(0.5)
+    seen_down = False
+    for _ in range(12):  # sustained concurrent burst, in 1 s slices, until a cheaper variant answers
+        res = run_load(server, "/predict", bodies, concurrency=16, duration_s=1.0, max_requests=5000, phase="burst")
+        assert res and all(r.status == 200 for r in res), {r.status for r in res}
+        if any(r.variant != top for r in res):
+            seen_down = True
+            break
+    assert seen_down, "the burst never made the policy step down"
+    for _ in range(30):  # light load (3 requests/s) until the most accurate variant answers again
+        res = run_load(server, "/predict", bodies, concurrency=2, duration_s=1.0, rate=3.0, phase="idle")
+        if res and res[-1].variant == top:
+            return
+    raise AssertionError("the policy never climbed back to the most accurate variant")
