@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 BLOCKED = ("lightning", "pytorch_lightning", "ts", "litserve", "rich")
-CORE = ("structured", "portfolio", "graph", "runtime", "policy", "served", "masks", "images", "loadgen")
+CORE = ("structured", "portfolio", "graph", "runtime", "policy", "served", "masks", "images", "loadgen", "serve_core")
 
 
 def test_the_core_imports_with_the_frameworks_blocked():
