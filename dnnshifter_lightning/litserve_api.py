@@ -38,6 +38,8 @@ from .serving import INITIAL_SWITCH_REASON
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["PortfolioLitAPI"]
+
 
 async def _read_request(request: Request) -> dict:
     """The raw body, the headers and the arrival time: LitServe would otherwise parse JSON only."""
@@ -52,7 +54,12 @@ class PortfolioLitAPI(ls.LitAPI):
     """Serves the portfolio in ``portfolio_dir``; ``options`` are the TorchServe handler's.
 
     Options are checked here, in the process that builds the server (the policy settings, the
-    served set against the manifest), so a mistake fails before any worker starts.
+    served set against the manifest), so a mistake fails before any worker starts:
+
+    >>> PortfolioLitAPI("no_such_dir")
+    Traceback (most recent call last):
+        ...
+    dnnshifter_lightning.portfolio.PortfolioError: no_such_dir/manifest.json: cannot read manifest (...)
     """
 
     def __init__(self, portfolio_dir: str | os.PathLike, *, max_batch_size: int = 8, batch_timeout: float = 0.005,

@@ -186,6 +186,12 @@ class RequestParser:
     ``spec`` is the manifest's ``input_spec``; ``opts`` the handler options (``max_body_bytes``,
     ``max_image_pixels``). Images (PNG/JPEG) are decoded through :mod:`dnnshifter_lightning.images`
     and normalised with the spec's mean/std; JSON ``{"data": ...}`` is taken as it is.
+
+    >>> parser = RequestParser({"shape": [1, 2, 2]}, default_options())
+    >>> parser.parse(b'{"data": [[[0, 1], [2, NaN]]]}')
+    {'status': 400, 'error': 'data contains NaN or infinity'}
+    >>> parser.parse(b"GIF89a...")["status"]
+    415
     """
 
     def __init__(self, spec: Mapping[str, Any], opts: Mapping[str, Any]):
@@ -251,5 +257,5 @@ class RequestParser:
         return (x - self.mean) / self.std
 
 
-__all__ = ["RequestParser", "bad", "build_policy", "default_options", "infer_batch", "measure_profiles", "open_runtime",
-           "pin_error", "policy_config", "prediction", "set_torch_threads", "switch"]
+# the functions are helpers for the two adapters; RequestParser is also useful on its own
+__all__ = ["RequestParser"]

@@ -18,7 +18,8 @@ MODULES = [
     "dnnshifter_lightning",
     *(f"dnnshifter_lightning.{name}" for name in (
         "masks", "imp", "structured", "portfolio", "graph", "profile", "builder", "runtime", "policy", "serving",
-        "loadgen", "served", "digits", "models", "plot", "demo", "images", "checkpoints",
+        "loadgen", "served", "digits", "models", "plot", "demo", "images", "checkpoints", "serve_core",
+        "litserve_api",
     )),
 ]
 
