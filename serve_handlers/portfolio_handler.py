@@ -4,7 +4,9 @@ Thin glue: :class:`~dnnshifter_lightning.runtime.PortfolioRuntime` holds the var
 ones zstd-compressed), :class:`~dnnshifter_lightning.policy.LoadPolicy` picks the variant for each
 batch. ``dnnshifter archive`` packs this file, the portfolio (``portfolio/``) and a
 ``model-config.yaml`` into a ``.mar``; options live under ``handler:`` in that YAML (see
-``dnnshifter_lightning.serving.DEFAULT_MODEL_CONFIG`` for the keys and defaults).
+``dnnshifter_lightning.serving.DEFAULT_MODEL_CONFIG`` for the keys and defaults). Options, the served
+set, the policy, request parsing and batch inference live in :mod:`dnnshifter_lightning.serve_core`,
+shared with the LitServe API (:class:`dnnshifter_lightning.PortfolioLitAPI`).
 
 Request body: PNG/JPEG bytes, or JSON ``{"data": <one input without the batch dim>}``, at most
 ``max_body_bytes``; images at most ``max_image_pixels`` (checked on the header before decoding,
