@@ -3,3 +3,17 @@ from pathlib import Path
 
 # Test helper modules (imp_helpers, ...) live next to the tests.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def portfolio(tmp_path_factory) -> Path:
+    """The real-server tests' portfolio (test_serve, test_litserve): a ladder, every variant on the front.
+    Modules that need another portfolio define their own ``portfolio`` fixture, which overrides this one."""
+    from serve_fixtures import LADDER_ACCURACIES, build_test_portfolio
+
+    path = tmp_path_factory.mktemp("portfolio")
+    build_test_portfolio(path, accuracies=LADDER_ACCURACIES)
+    return path

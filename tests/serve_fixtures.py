@@ -121,3 +121,4 @@ def small_image(fmt: str, size: tuple[int, int] = (8, 8)) -> bytes:
     buf = io.BytesIO()
     Image.new("L", size, 128).save(buf, format=fmt)
     return buf.getvalue()
+

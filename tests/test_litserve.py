@@ -25,7 +25,7 @@ import torch
 from dnnshifter_lightning.runtime import PortfolioRuntime
 from dnnshifter_lightning.serving import PIN_HEADER, _http, free_port
 
-from serve_fixtures import LADDER_ACCURACIES, build_test_portfolio, digits_samples, json_body, png_body, small_image
+from serve_fixtures import digits_samples, json_body, png_body, small_image
 
 pytest.importorskip("litserve")
 pytestmark = pytest.mark.litserve
@@ -56,13 +56,6 @@ BAD_BODIES = {
     "not an image": (b"this is plain text, not a digit", 415),
     "gif": (small_image("GIF"), 415),
 }
-
-
-@pytest.fixture(scope="module")
-def portfolio(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("portfolio")
-    build_test_portfolio(path, accuracies=LADDER_ACCURACIES)  # a ladder: every variant is on the front
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -26,19 +26,12 @@ from dnnshifter_lightning.serving import (
     PIN_HEADER, JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches, run_load,
 )
 from serve_fixtures import (
-    LADDER_ACCURACIES, bomb_png, build_test_portfolio, digits_samples, json_body, png_body, small_image,
+    bomb_png, digits_samples, json_body, png_body, small_image,
 )
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 MODEL = "digits"
-
-
-@pytest.fixture(scope="module")
-def portfolio(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("portfolio")
-    build_test_portfolio(path, accuracies=LADDER_ACCURACIES)  # a ladder: every variant is on the front
-    return path
 
 
 @pytest.fixture(scope="module")
