@@ -74,6 +74,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["PolicyConfig", "LoadPolicy", "Decision", "LatencyProfile", "profiles_from_manifest"]
 
+AUTO_QUEUE_DELAY_MARGIN_MS = 20.0  #: the default queue-delay threshold is the batch delay plus this
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -94,7 +96,8 @@ class PolicyConfig:
     up_dwell_s: float = 2.0  #: no step up within this time of the previous switch
     saturation_fill: float = 0.75  #: ... and batches at least this full (of max_batch_size)
     backlog_gap_ms: float = 5.0  #: a gap between batches shorter than this counts as busy
-    queue_delay_high_ms: float | None = None  #: step down when the median queue delay exceeds this
+    queue_delay_high_ms: float | None = None  #: step down when the recent median queue delay exceeds this (None: auto)
+    queue_window_s: float = 0.25  #: window of the queue-delay signal (recent batches only: it reacts fast)
     slo_ms: float | None = None  #: objective for the service time of one batch (queueing: queue_delay_high_ms)
     slo_percentile: float = 95.0  #: which percentile of latency the SLO bounds
     slo_headroom: float = 0.8  #: step up only to a variant predicted within this fraction of the SLO
@@ -104,7 +107,7 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("short_window_s", "long_window_s", "backlog_gap_ms", "decision_interval_s"):
+        for name in ("short_window_s", "long_window_s", "backlog_gap_ms", "decision_interval_s", "queue_window_s"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)!r})")
         for name in ("min_dwell_s", "up_dwell_s"):
@@ -422,8 +425,12 @@ class LoadPolicy:
             "load_factor": self.load_factor(self.active_id, longw),
             "calibration": self.calibration,
         }
+        recent = [b.queue_delay for b in self._batches if b.queue_delay is not None
+                  and b.end > max(now - self.config.queue_window_s, self._last_switch)]
+        if recent:
+            out["queue_delay_ms"] = 1000.0 * _percentile(recent, 50)
+            out["queue_delay_high_ms"] = self.queue_delay_high_ms
         if short.delays:
-            out["queue_delay_ms"] = 1000.0 * _percentile(short.delays, 50)
             half = len(short.delays) // 2
             if half >= 3:
                 first, second = short.delays[:half], short.delays[half:]
@@ -433,6 +440,15 @@ class LoadPolicy:
         if own:
             out["service_ms_p"] = 1000.0 * _percentile(own, self.config.slo_percentile)
         return out
+
+    @property
+    def queue_delay_high_ms(self) -> float:
+        """The queue-delay threshold: ``queue_delay_high_ms``, or by default the server's batch delay
+        (``max_batch_delay_ms``, 0 if unknown) plus 20 ms: a request that waited longer than the
+        server holds batches open, by 20 ms, waited behind a backlog."""
+        if self.config.queue_delay_high_ms is not None:
+            return self.config.queue_delay_high_ms
+        return (self.max_batch_delay_ms or 0.0) + AUTO_QUEUE_DELAY_MARGIN_MS
 
     # -- decision -------------------------------------------------------------------------------
     def choose(self) -> Decision:
@@ -454,12 +470,16 @@ class LoadPolicy:
             return f"SLO: p{cfg.slo_percentile:g} service time {sig['service_ms_p']:.1f} ms > {cfg.slo_ms:g} ms"
         if sig.get("draining"):
             return None
+        if "queue_delay_ms" in sig:
+            # the server reports how long requests waited: that is the direct signal. A busy worker
+            # whose requests do not wait keeps up, whatever its occupancy reads.
+            if sig["queue_delay_ms"] > sig["queue_delay_high_ms"]:
+                return f"queue delay {sig['queue_delay_ms']:.1f} ms > {sig['queue_delay_high_ms']:g} ms"
+            return None
         fill_ok = self.batch_limit == 1 or sig["batch_fill"] >= cfg.saturation_fill
         if sig["occupancy"] >= cfg.high_utilisation and fill_ok:
             return (f"saturated: occupancy {sig['occupancy']:.2f} >= {cfg.high_utilisation:g}, "
                     f"batch fill {sig['batch_fill']:.2f}")
-        if cfg.queue_delay_high_ms is not None and sig.get("queue_delay_ms", 0.0) > cfg.queue_delay_high_ms:
-            return f"queue delay {sig['queue_delay_ms']:.1f} ms > {cfg.queue_delay_high_ms:g} ms"
         return None
 
     def _evaluate(self, now: float) -> Decision:
@@ -485,7 +505,7 @@ class LoadPolicy:
             return self._decide(self.active_id, pressure + "; already cheapest", sig, keep=True)
 
         if active_idx > 0 and since_switch >= max(cfg.up_dwell_s, cfg.min_dwell_s):
-            delay_ok = cfg.queue_delay_high_ms is None or sig.get("queue_delay_ms", 0.0) <= cfg.queue_delay_high_ms
+            delay_ok = sig.get("queue_delay_ms", 0.0) <= self.queue_delay_high_ms
             if delay_ok:
                 longw = self._summary(now - cfg.long_window_s, cfg.long_window_s)
                 for vid in self.variant_ids[:active_idx]:

@@ -77,11 +77,12 @@ def _poisson_count(rng: random.Random, mean: float) -> int:
 
 def simulate(policy: LoadPolicy, clock: FakeClock, arrivals: list[float], *, max_batch: int = 8,
              overhead: float = 0.0005, slowdown=lambda t: 1.0, pinned=lambda i: None,
-             batch_delay: float = 0.0) -> SimResult:
+             batch_delay: float = 0.0, report_delay: bool = True) -> SimResult:
     """One worker: when free it takes up to ``max_batch`` queued requests, asks the policy, serves
     them (profile latency x slowdown), then reports the batch. ``pinned(i)`` may pin request i.
     With ``batch_delay`` (TorchServe's maxBatchDelay, seconds) a batch that is not full is held
-    open that long for more requests, as TorchServe's aggregator does."""
+    open that long for more requests, as TorchServe's aggregator does. With ``report_delay`` the
+    batch's mean queue delay is reported, as when clients stamp ``X-Request-Start``."""
     result = SimResult()
     queue: deque[int] = deque()
     t, i, n = 0.0, 0, len(arrivals)
@@ -122,7 +123,7 @@ def simulate(policy: LoadPolicy, clock: FakeClock, arrivals: list[float], *, max
                 result.latencies.append((arrivals[j], t - arrivals[j]))
                 result.served_by.append(part_vid)
         clock.now = t
-        delay = sum(start - arrivals[j] for j in batch) / len(batch)
+        delay = sum(start - arrivals[j] for j in batch) / len(batch) if report_delay else None
         policy.observe(len(batch), t - start, delay, variant_id=vid, pinned_requests=pinned_requests,
                        pinned_seconds=pinned_seconds)
     return result
@@ -143,11 +144,12 @@ def test_steady_light_and_moderate_load_stays_on_most_accurate():
         assert policy.history == []
 
 
-def test_step_up_in_load_steps_down_within_2s_and_keeps_up():
+@pytest.mark.parametrize("report_delay, reason", [(False, "saturated"), (True, "queue delay")])
+def test_step_up_in_load_steps_down_within_2s_and_keeps_up(report_delay, reason):
     policy, clock = make()
     step = 10.0
     arrivals = poisson(lambda t: 20.0 if t < step else 1200.0, 30.0, seed=1)  # v0 saturates at ~500/s
-    result = simulate(policy, clock, arrivals)
+    result = simulate(policy, clock, arrivals, report_delay=report_delay)
     assert result.variant_at(step - 0.01) == "v0"
     first_down = result.first_time(step, lambda v: v != "v0")
     assert first_down is not None and first_down - step <= 2.0, first_down
@@ -155,7 +157,38 @@ def test_step_up_in_load_steps_down_within_2s_and_keeps_up():
     assert result.p99_latency(25.0, 30.0) < 0.1
     assert len(policy.history) <= 3
     assert all(IDS.index(b) > IDS.index(a) for _, a, b, _ in policy.history), policy.history
-    assert "saturated" in policy.history[0][3]
+    assert reason in policy.history[0][3]
+
+
+def test_reported_queue_delay_steps_down_within_a_quarter_second():
+    # the same step as above: a growing queue shows within a few batches, occupancy over ~0.5 s
+    downs = {}
+    for report_delay in (False, True):
+        policy, clock = make()
+        result = simulate(policy, clock, poisson(lambda t: 20.0 if t < 10 else 1200.0, 14.0, seed=1),
+                          report_delay=report_delay)
+        downs[report_delay] = result.first_time(10.0, lambda v: v != "v0") - 10.0
+    assert downs[True] <= 0.25 < downs[False], downs
+
+
+def test_busy_worker_whose_requests_do_not_wait_is_not_stepped_down():
+    # evenly spaced arrivals at ~93% of v0's capacity: the worker is busy nearly all the time, but
+    # each request waits less than one batch. Occupancy alone reads saturation; the queue delay
+    # says it keeps up.
+    arrivals = [i / 465.0 for i in range(int(465 * 20))]
+    for report_delay, stays in ((True, True), (False, False)):
+        policy, clock = make(max_batch_delay_ms=5.0)
+        result = simulate(policy, clock, arrivals, report_delay=report_delay)
+        assert (policy.history == []) is stays, (report_delay, policy.history)
+        if stays:
+            assert result.p99_latency(5.0, 20.0) < 0.05
+
+
+def test_default_queue_delay_threshold_is_the_batch_delay_plus_20ms():
+    policy, _ = make(max_batch_delay_ms=5.0)
+    assert policy.queue_delay_high_ms == 25.0
+    policy, _ = make(PolicyConfig(queue_delay_high_ms=40.0), max_batch_delay_ms=5.0)
+    assert policy.queue_delay_high_ms == 40.0
 
 
 def test_spike_steps_down_then_returns_to_most_accurate_within_10s():
@@ -204,7 +237,7 @@ def test_full_batches_after_long_framework_gaps_are_saturation():
     # backlog_gap_ms, but a full batch was waiting: the worker is saturated and must step down.
     policy, clock = make()
     arrivals = poisson(lambda t: 20.0 if t < 5 else 1200.0, 12.0, seed=6)
-    result = simulate(policy, clock, arrivals, overhead=0.009)
+    result = simulate(policy, clock, arrivals, overhead=0.009, report_delay=False)  # TorchServe, no stamp
     first_down = result.first_time(5.0, lambda v: v != "v0")
     assert first_down is not None and first_down - 5.0 <= 2.0, first_down
     assert "saturated" in policy.history[0][3]
