@@ -62,6 +62,12 @@ def _parse_reply(body: bytes) -> tuple[str | None, int | None]:
         return None, None
 
 
+def _stamped(headers: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` plus ``X-Request-Start: t=<epoch microseconds>``, stamped as the request is sent
+    (the convention of nginx and APM agents), so that the server can tell how long it queued."""
+    return {**headers, "X-Request-Start": f"t={time.time_ns() // 1000}"}
+
+
 def run_load(port: int, path: str, bodies: Sequence[bytes], *, concurrency: int = 8, duration_s: float = 5.0,
              max_requests: int = 10_000, rate: float | None = None, headers: Mapping[str, str] | None = None,
              phase: str = "", timeout: float = 30.0) -> list[LoadResult]:
@@ -128,7 +134,7 @@ def run_load(port: int, path: str, bodies: Sequence[bytes], *, concurrency: int 
                     time.sleep(max(0.0, due - time.monotonic()))
                 body = bodies[i % len(bodies)]
                 try:
-                    conn.request("POST", path, body=body, headers=hdrs)
+                    conn.request("POST", path, body=body, headers=_stamped(hdrs))
                     resp = conn.getresponse()
                     data = resp.read()
                     status = resp.status
@@ -228,7 +234,7 @@ def run_schedule(port: int, path: str, bodies: Sequence[bytes], steps: Sequence[
                         results.append(LoadResult(due, -wait, 0, idx, phase=phase))
                     continue
                 try:
-                    conn.request("POST", path, body=bodies[idx], headers=hdrs)
+                    conn.request("POST", path, body=bodies[idx], headers=_stamped(hdrs))
                     resp = conn.getresponse()
                     data, status = resp.read(), resp.status
                 except (OSError, http.client.HTTPException):

@@ -119,6 +119,43 @@ def build_policy(runtime: PortfolioRuntime, opts: Mapping[str, Any], max_batch_s
                       max_batch_size=int(max_batch_size), max_batch_delay_ms=float(max_batch_delay_ms))
 
 
+REQUEST_START_HEADER = "X-Request-Start"  #: when the request started, stamped by the client or a proxy
+
+
+def queue_delay_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds since ``X-Request-Start`` (``t=<epoch>`` or ``<epoch>``, in s, ms, us or ns, the
+    convention proxies such as nginx and APM agents use), at wall time ``now``. ``None`` when the
+    header is absent, malformed or implausible (more than 1 s in the future or 1 h in the past):
+    a bad header is never an error, it only leaves the policy without this signal.
+
+        >>> queue_delay_s("t=1700000000.5", now=1700000000.75)
+        0.25
+        >>> queue_delay_s("t=1700000000250000", now=1700000000.5)  # microseconds
+        0.25
+        >>> queue_delay_s("soon", now=1.0) is None
+        True
+    """
+    if not value:
+        return None
+    text = value.strip()
+    if text.startswith("t="):
+        text = text[2:]
+    try:
+        stamp = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(stamp) or stamp <= 0:
+        return None
+    for scale in (1e9, 1e6, 1e3):  # ns, us, ms: an epoch in seconds is near 1.7e9
+        if stamp > 1e11 * scale / 1e3:
+            stamp /= scale
+            break
+    delay = (time.time() if now is None else now) - stamp
+    if not -1.0 <= delay <= 3600.0:
+        return None
+    return max(0.0, delay)
+
+
 def pin_error(pin: str | None, runtime: PortfolioRuntime, header: str) -> dict | None:
     """A 400 for a pin header naming a variant that is not served here, else ``None``."""
     if pin is None or pin in runtime.variant_ids:

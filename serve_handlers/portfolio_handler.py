@@ -15,6 +15,9 @@ see :mod:`dnnshifter_lightning.images`). Response: ``{"label": int, "scores": [.
 A request header ``X-DNNShifter-Variant: <id>`` pins the variant for that request; a pin to a
 variant that is not inflated inflates it at most once per ``pin_inflate_interval_s``, and a pin
 beyond that budget gets a 429 with ``Retry-After`` (see ``docs/serving.md``).
+A header ``X-Request-Start: t=<epoch>`` (as nginx or the load generator stamps it) tells the
+handler how long each request waited before the worker saw it: the policy's queue-delay signal,
+which TorchServe does not give a handler otherwise.
 
 Each switch is logged as one line ``DNNSHIFTER_SWITCH {json}`` (from, to, reason, switch_ms,
 time) in TorchServe's ``model_log.log``; metrics go through ``context.metrics``.
@@ -66,6 +69,7 @@ class PortfolioHandler(BaseHandler):
         core.set_torch_threads(opts)
         self.parser = core.RequestParser(self.manifest["input_spec"], opts)
         self.pin_header = str(opts["pin_header"]).lower()
+        self.start_header = core.REQUEST_START_HEADER.lower()
         self.switch_count, self.last_switch_ms = 0, math.nan
         try:
             self.policy = core.build_policy(self.runtime, opts, int(props.get("batch_size") or 1),
@@ -89,16 +93,22 @@ class PortfolioHandler(BaseHandler):
     # ------------------------------------------------------------------ batch steps
     def preprocess(self, data):
         self._batch_start = time.perf_counter()
-        items = []
+        wall = time.time()
+        items, delays = [], []
         for idx, row in enumerate(data):
             headers = {k.lower(): v for k, v in self.context.get_all_request_header(idx).items()
                        if isinstance(v, str)}
+            delay = core.queue_delay_s(headers.get(self.start_header), wall)
+            if delay is not None:
+                delays.append(delay)
             body = row.get("data") if row.get("data") is not None else row.get("body")
             item = self.parser.parse(body)
             pin = headers.get(self.pin_header)
             if not isinstance(item, dict):
                 item = core.pin_error(pin, self.runtime, self.options["pin_header"]) or item
             items.append((item, pin))
+        # how long this batch's requests waited before the worker saw them, when clients stamp them
+        self._queue_delay = sum(delays) / len(delays) if delays else None
         return items
 
     def inference(self, items, *args, **kwargs):
@@ -125,7 +135,7 @@ class PortfolioHandler(BaseHandler):
             out.append(json.dumps(core.prediction(vid, logits)))
         service = time.perf_counter() - self._batch_start
         if per_variant:
-            self.policy.observe(len(results), service, pinned_requests=self._pinned[0],
+            self.policy.observe(len(results), service, self._queue_delay, pinned_requests=self._pinned[0],
                                 pinned_seconds=min(self._pinned[1], service))
         self._emit(per_variant)
         self._log_signals()
