@@ -24,11 +24,11 @@ Goals (checked and recorded, never relaxed): on every staircase step the adaptiv
 fixed contender.
 
     python benchmarks/bench_serving.py --quick                      # smoke run, ~5 min
-    python benchmarks/bench_serving.py --readme --figure            # the full run, ~25 min
+    python benchmarks/bench_serving.py --readme --figure            # the full run, ~20 min
 
 Without ``--portfolio`` it trains its own portfolio once and caches it (``bench_portfolio``): a
 ladder of DigitsCNNs of decreasing width on the real digits, with measured validation accuracy and
-batch-8 latency. The widest is heavy enough (about 38 M MACs per sample) that the TorchServe worker,
+batch-8 latency. The widest is heavy enough (about 152 M MACs per sample) that the TorchServe worker,
 not the frontend or the load generator, is the bottleneck on 2 cores.
 """
 
@@ -58,26 +58,29 @@ from dnnshifter_lightning.serving import (  # noqa: E402
 NAME = "bench_serving"
 STAIRCASE = (0.3, 0.8, 1.5, 3.0, 1.5, 0.8, 0.3)
 BURST = (0.3, 2.5, 0.3)
-WIDTHS = (32, 16, 8, 4)
+WIDTHS = (64, 24, 12)
 EPOCHS = 4
 SIZE = 32  # the 8x8 digits, upsampled: the same information, 16x the compute per width
-RECIPE = f"digitscnn{SIZE}px-widths{'-'.join(map(str, WIDTHS))}-adam3e-3-onecycle-{EPOCHS}ep-seed0-v1"
+
+
+def _recipe(widths) -> str:
+    return f"digitscnn{SIZE}px-widths{'-'.join(map(str, widths))}-adam3e-3-onecycle-{EPOCHS}ep-seed0-v1"
 
 
 def _upsample(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
 
 
-def _cache_dir() -> Path:
+def _cache_dir(widths=WIDTHS) -> Path:
     home = os.environ.get("DNNSHIFTER_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dnnshifter"
-    return Path(home) / "bench_serving" / RECIPE
+    return Path(home) / "bench_serving" / _recipe(widths)
 
 
 def bench_portfolio(out: Path | None = None, widths=WIDTHS, epochs: int = EPOCHS, console=print) -> Path:
     """Train DigitsCNNs of ``widths`` on the digits upsampled to ``SIZE`` x ``SIZE`` (plain torch, the
     same recipe, budget and seed for each) and write them as a portfolio with measured validation
     accuracy, MACs and batch-1/8 latency (one thread). Upsampling adds no information; it makes the
-    widest member heavy (about 38 M MACs per sample) so that the worker is the bottleneck on 2 cores.
+    widest member heavy (about 152 M MACs per sample) so that the worker is the bottleneck on 2 cores.
     Cached: a portfolio already at ``out`` (default: the user cache dir, keyed by the recipe) is reused."""
     from dnnshifter_lightning.digits import DIGITS_INPUT_SPEC, DigitsDataModule
     from dnnshifter_lightning.models import DigitsCNN
@@ -85,7 +88,7 @@ def bench_portfolio(out: Path | None = None, widths=WIDTHS, epochs: int = EPOCHS
                                                 verify_portfolio, write_manifest)
     from dnnshifter_lightning.profile import count_macs, count_params, measure_accuracy, measure_latency_ms
 
-    out = Path(out or _cache_dir())
+    out = Path(out or _cache_dir(widths))
     if (out / "manifest.json").is_file():
         verify_portfolio(out)
         console(f"using the cached benchmark portfolio {out}")
