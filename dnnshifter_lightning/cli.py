@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .demo import DEMO_DEFAULTS
+from dnnshifter_lightning.demo.run import DEMO_DEFAULTS
 
 app = typer.Typer(
     name="dnnshifter",
@@ -49,7 +49,7 @@ def demo(
 ) -> None:
     """Train with IMP on real digits, build the portfolio, then serve and switch it with TorchServe
     (on 127.0.0.1 with token auth off, which the demo says; `dnnshifter serve` keeps it on)."""
-    from .demo import run_demo
+    from dnnshifter_lightning.demo.run import run_demo
 
     try:
         run_demo(out, levels=levels, prune_fraction=prune_fraction, epochs_per_level=epochs_per_level,
@@ -69,7 +69,7 @@ def portfolio_build(
     target_key: Optional[str] = typer.Option(None, "--target-key", help="Key of the labels in dict batches."),
 ) -> None:
     """Structurally prune level checkpoints trained elsewhere into a portfolio."""
-    from .builder import portfolio_build_command
+    from dnnshifter_lightning.shrink.build import portfolio_build_command
 
     try:
         portfolio_build_command(ckpt_dir, model, out, datamodule, input_shape=input_shape, input_key=input_key,
@@ -81,7 +81,7 @@ def portfolio_build(
 @portfolio_app.command("show")
 def portfolio_show(directory: Path = typer.Argument(..., help="Portfolio directory.")) -> None:
     """Print a portfolio's table (and verify its files)."""
-    from .builder import portfolio_show_command
+    from dnnshifter_lightning.shrink.build import portfolio_show_command
 
     try:
         portfolio_show_command(directory)
@@ -100,7 +100,7 @@ def archive(
                                            "accuracy/latency front above the accuracy floor), 'all', or ID,ID,..."),
 ) -> None:
     """Package a portfolio, the handler and its config into STORE/NAME.mar with torch-model-archiver."""
-    from .serving import archive_command
+    from dnnshifter_lightning.serve.torchserve import archive_command
 
     try:
         archive_command(portfolio, model_name, export_path, config=config, force=force, variants=variants)
@@ -122,7 +122,7 @@ def serve(
     metrics_port: Optional[int] = typer.Option(None),
 ) -> None:
     """Start real TorchServe on 127.0.0.1 with a generated config, wait until healthy, print the URLs."""
-    from .serving import serve_command, serve_stop_command
+    from dnnshifter_lightning.serve.torchserve import serve_command, serve_stop_command
 
     try:
         if stop:

@@ -17,9 +17,12 @@ import pytest
 MODULES = [
     "dnnshifter_lightning",
     *(f"dnnshifter_lightning.{name}" for name in (
-        "masks", "imp", "structured", "portfolio", "graph", "profile", "builder", "runtime", "policy", "serving",
-        "loadgen", "served", "digits", "models", "plot", "demo", "images", "checkpoints", "serve_core",
-        "litserve_api",
+        "train.masks", "train.imp", "train.checkpoints",
+        "shrink.structured", "shrink.measure", "shrink.build", "shrink.plot",
+        "portfolio", "graph", "loadgen",
+        "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core", "serve.litserve",
+        "serve.torchserve",
+        "demo.run", "demo.digits", "demo.models",
     )),
 ]
 

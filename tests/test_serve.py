@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnnshifter_lightning import serving
+from dnnshifter_lightning.serve import torchserve as serving
 from dnnshifter_lightning.portfolio import VARIANT_SUFFIX
-from dnnshifter_lightning.runtime import PortfolioRuntime
-from dnnshifter_lightning.serving import (
+from dnnshifter_lightning.serve.runtime import PortfolioRuntime
+from dnnshifter_lightning.serve.torchserve import (
     PIN_HEADER, JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches, run_load,
 )
 from serve_fixtures import (

@@ -8,7 +8,7 @@ Example::
 
     >>> import json
     >>> from pathlib import Path
-    >>> from dnnshifter_lightning.serving import build_archive, TorchServeServer
+    >>> from dnnshifter_lightning.serve.torchserve import build_archive, TorchServeServer
     >>> mar = build_archive(Path("portfolio"), "digits", Path("store"))        # doctest: +SKIP
     >>> with TorchServeServer(Path("store"), {"digits": "digits.mar"}) as ts:  # doctest: +SKIP
     ...     status, body = ts.predict("digits", json.dumps({"data": [[[0.0] * 8] * 8]}).encode())
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .loadgen import LOOPBACK, LoadResult, run_load, summarize
+from dnnshifter_lightning.loadgen import LOOPBACK, LoadResult, run_load, summarize
 
 __all__ = [
     "JavaMissingError", "ServingError", "check_java", "free_port", "default_model_config",
@@ -43,7 +44,9 @@ __all__ = [
 
 PIN_HEADER = "X-DNNShifter-Variant"
 INITIAL_SWITCH_REASON = "initial choice"  # the handler's switch log entry for the variant it starts on
-HANDLER_FILE = Path(__file__).resolve().parent.parent / "serve_handlers" / "portfolio_handler.py"
+#: The TorchServe worker code that ``build_archive`` packs into the ``.mar``, found by import (the file of
+#: ``dnnshifter_lightning.serve.handler``, without importing it: it imports ``ts``).
+HANDLER_FILE = Path(importlib.util.find_spec("dnnshifter_lightning.serve.handler").origin)
 #: Largest request body TorchServe's frontend accepts (``max_request_size``): a 3x224x224 input as
 #: JSON is about 1.5 MB, a photo-sized JPEG a few MB.
 MAX_REQUEST_BYTES = 8 * 2**20
@@ -131,7 +134,7 @@ def check_java() -> str:
     ...     check_java()
     Traceback (most recent call last):
         ...
-    dnnshifter_lightning.serving.JavaMissingError: JAVA_HOME=... has no bin/java.
+    dnnshifter_lightning.serve.torchserve.JavaMissingError: JAVA_HOME=... has no bin/java.
     TorchServe 0.12 needs Java 17 ...
     """
     java_home = os.environ.get("JAVA_HOME")
@@ -207,7 +210,7 @@ def build_archive(portfolio: Path, model_name: str, export_path: Path, config: P
 
     ``variants`` (``"front"``, ``"all"``, ``"ID,ID"`` or a list of ids) sets the served set,
     ``handler.variants`` in the config (default: the accuracy/latency front above the accuracy
-    floor, see :mod:`dnnshifter_lightning.served`). The portfolio's manifest is read first and the
+    floor, see :mod:`dnnshifter_lightning.serve.served`). The portfolio's manifest is read first and the
     served set resolved, so a directory that is not a portfolio, an unknown id or a floor that leaves
     nothing to serve fails here, not inside TorchServe.
 
@@ -221,16 +224,16 @@ def build_archive(portfolio: Path, model_name: str, export_path: Path, config: P
         >>> build_archive(empty, "digits", empty / "store")
         Traceback (most recent call last):
             ...
-        dnnshifter_lightning.serving.ServingError: ... is not a portfolio: .../manifest.json is missing
+        dnnshifter_lightning.serve.torchserve.ServingError: ... is not a portfolio: .../manifest.json is missing
     """
     import yaml
 
     portfolio, export_path = Path(portfolio), Path(export_path)
     if not (portfolio / "manifest.json").is_file():
         raise ServingError(f"{portfolio} is not a portfolio: {portfolio / 'manifest.json'} is missing")
-    from .portfolio import PortfolioError, read_manifest  # imports torch: only here
+    from dnnshifter_lightning.portfolio import PortfolioError, read_manifest  # imports torch: only here
 
-    from .served import resolve_served_set
+    from dnnshifter_lightning.serve.served import resolve_served_set
 
     try:
         manifest = read_manifest(portfolio)  # fail early on a broken manifest
@@ -940,10 +943,10 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     """
     from rich.table import Table
 
-    from .digits import DigitsDataModule
-    from .loadgen import effective_accuracy, run_schedule
-    from .portfolio import read_manifest
-    from .served import resolve_served_set
+    from dnnshifter_lightning.demo.digits import DigitsDataModule
+    from dnnshifter_lightning.loadgen import effective_accuracy, run_schedule
+    from dnnshifter_lightning.portfolio import read_manifest
+    from dnnshifter_lightning.serve.served import resolve_served_set
 
     console = _console(console)
     try:

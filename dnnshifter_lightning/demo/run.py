@@ -1,8 +1,8 @@
 """``dnnshifter demo``: the whole DNNShifter pipeline on scikit-learn's real 8x8 digits.
 
-1. Train :class:`~dnnshifter_lightning.digits.DigitsClassifier` with
-   :class:`~dnnshifter_lightning.imp.IterativeMagnitudePruning` (one sparse checkpoint per level).
-2. The post-fit :class:`~dnnshifter_lightning.builder.PortfolioBuilder` prunes each checkpoint
+1. Train :class:`~dnnshifter_lightning.demo.digits.DigitsClassifier` with
+   :class:`~dnnshifter_lightning.train.imp.IterativeMagnitudePruning` (one sparse checkpoint per level).
+2. The post-fit :class:`~dnnshifter_lightning.shrink.build.PortfolioBuilder` prunes each checkpoint
    structurally into a portfolio of dense variants, measures them and draws ``portfolio.png``;
    :func:`ladder_report` then checks that the front (validation accuracy against batch-8 latency) is
    a ladder worth switching along and prints what it found.
@@ -10,7 +10,7 @@
 
 Example::
 
-    from dnnshifter_lightning.demo import run_demo
+    from dnnshifter_lightning.demo.run import run_demo
     run_demo("demo_out", levels=4, epochs_per_level=1, serve=False)
 """
 
@@ -28,9 +28,9 @@ import lightning as L
 import torch
 from rich.console import Console
 
-from .digits import DigitsClassifier, DigitsDataModule
-from .imp import IterativeMagnitudePruning
-from .profile import count_macs
+from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
+from dnnshifter_lightning.shrink.measure import count_macs
+from dnnshifter_lightning.train.imp import IterativeMagnitudePruning
 
 __all__ = ["run_demo", "DEMO_DEFAULTS", "LadderReport", "ladder_report", "LADDER_CRITERIA"]
 
@@ -92,7 +92,7 @@ def ladder_report(manifest: dict[str, Any], val_samples: int | None,
         >>> ladder_report({"variants": flat}, val_samples=360).problems
         ['accuracy spread 0.3 points < 3', 'accuracy spread 1 validation samples < 10', 'latency spread 1.7x < 3x']
     """
-    from .portfolio import pareto_front
+    from dnnshifter_lightning.portfolio import pareto_front
 
     want = {**LADDER_CRITERIA, **(criteria or {})}
     variants = manifest["variants"]
@@ -195,7 +195,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
                                     layer_prune_fractions={"model.classifier": prune_fraction / 2})
     callbacks: list[L.Callback] = [imp]
     if build:
-        from .builder import PortfolioBuilder
+        from dnnshifter_lightning.shrink.build import PortfolioBuilder
 
         callbacks.append(PortfolioBuilder(out_dir=out / "portfolio"))
     from lightning.pytorch.callbacks import RichProgressBar
@@ -210,7 +210,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
     summary["train_seconds"] = time.perf_counter() - started
 
     if build:
-        from .portfolio import read_manifest
+        from dnnshifter_lightning.portfolio import read_manifest
 
         manifest = read_manifest(out / "portfolio")
         summary["portfolio"] = str(out / "portfolio")
@@ -226,7 +226,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
 
     if build and serve:
         console.rule("[bold]3. Serving the portfolio with TorchServe, switching as load changes")
-        from .serving import JavaMissingError, run_demo_serving
+        from dnnshifter_lightning.serve.torchserve import JavaMissingError, run_demo_serving
 
         try:  # a local demo on 127.0.0.1: token auth off, explicitly, and run_demo_serving prints that
             summary["serving"] = run_demo_serving(out / "portfolio", out / "serve", console, no_auth=True)
