@@ -247,6 +247,8 @@ def test_burst_switches_down_and_light_load_climbs_back(server, local):
     ups = [s for s in switches if order.index(s["to"]) < order.index(s["from"])]
     assert downs and ups and downs[0]["time"] < ups[-1]["time"]
     assert all(s["reason"] and s["switch_ms"] >= 0 for s in switches)
+    # the load generator stamps X-Request-Start: the handler read the queue delay from it
+    assert "queue delay" in downs[0]["reason"], downs[0]
     # the custom metrics reach TorchServe's metrics endpoint
     status, text = serving._http("GET", server.ports.metrics, "/metrics")
     metrics = text.decode()
