@@ -7,6 +7,8 @@
     dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--variants front|all|ID,ID]
     dnnshifter serve STORE --model NAME [--no-auth] [--enable-model-api]
     dnnshifter serve --stop
+    dnnshifter litserve PORTFOLIO [--host 127.0.0.1] [--port 8000] [--workers-per-device N]
+                        [--api-key KEY | --no-auth] [--config my.yaml]
 """
 
 from __future__ import annotations
@@ -133,6 +135,30 @@ def serve(
         serve_command(store, model, inference_port=inference_port, management_port=management_port,
                       metrics_port=metrics_port, no_auth=no_auth, enable_model_api=enable_model_api)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+
+
+@app.command("litserve")
+def litserve_cmd(
+    portfolio: Path = typer.Argument(..., help="Portfolio directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="127.0.0.1 (loopback), or 0.0.0.0 / :: (every "
+                             "interface; needs --api-key)."),
+    port: int = typer.Option(8000, "--port"),
+    workers_per_device: int = typer.Option(1, "--workers-per-device", help="Inference workers per device; "
+                                           "each holds its own runtime and policy."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="The key clients send as X-API-Key "
+                                          "(default: a generated one, written to a 0600 file)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="No API key (127.0.0.1 only)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with the handler's options (policy, slo_ms, "
+                                          "fixed_variant, memory_budget_mb, min_accuracy, variants, ...)."),
+) -> None:
+    """Serve a portfolio with LitServe (pure Python, no Java) until Ctrl-C: 127.0.0.1 and an API key by default."""
+    from .litserve_command import litserve_command
+
+    try:
+        litserve_command(portfolio, host=host, port=port, workers_per_device=workers_per_device, api_key=api_key,
+                         no_auth=no_auth, config=config, console=console)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         _fail(exc)
 
 
