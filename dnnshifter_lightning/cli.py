@@ -1,6 +1,6 @@
 """The ``dnnshifter`` command (typer). Each command is a thin wrapper over a library function.
 
-    dnnshifter demo --out DIR
+    dnnshifter demo --out DIR [--engine torchserve|litserve]
     dnnshifter portfolio build CKPT_DIR --model package.module:Class --out DIR [--datamodule package.module:Class]
                                     [--input-shape C,H,W] [--input-key K --target-key K]
     dnnshifter portfolio show DIR
@@ -46,17 +46,21 @@ def demo(
     rewind_to: str = typer.Option(DEMO_DEFAULTS["rewind_to"], help="Rewind point: steps, 'Nit', 'Nep' or 0."),
     width: int = typer.Option(DEMO_DEFAULTS["width"], help="DigitsCNN width (channels of the first stage)."),
     seed: int = typer.Option(DEMO_DEFAULTS["seed"]),
-    serve: bool = typer.Option(True, "--serve/--no-serve", help="End by serving the portfolio with TorchServe."),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="End by serving the portfolio and switching it."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="torchserve or litserve (default: TorchServe "
+                                         "while Java 17 is present, else LitServe; the demo says why)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete OUT first if it exists."),
 ) -> None:
     """Train with IMP on real digits, build the portfolio, then serve and switch it with TorchServe
-    (on 127.0.0.1 with token auth off, which the demo says; `dnnshifter serve` keeps it on)."""
+    (on 127.0.0.1 with token auth off, which the demo says; `dnnshifter serve` keeps it on) or LitServe."""
     from .demo import run_demo
+    from .serving import ServingError
 
     try:
         run_demo(out, levels=levels, prune_fraction=prune_fraction, epochs_per_level=epochs_per_level,
-                 rewind_to=rewind_to, width=width, seed=seed, serve=serve, fresh=fresh, console=console)
-    except (ValueError, FileExistsError) as exc:
+                 rewind_to=rewind_to, width=width, seed=seed, serve=serve, fresh=fresh, engine=engine,
+                 console=console)
+    except (ValueError, FileExistsError, ServingError) as exc:
         _fail(exc)
 
 
@@ -151,13 +155,15 @@ def litserve_cmd(
     no_auth: bool = typer.Option(False, "--no-auth", help="No API key (127.0.0.1 only)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with the handler's options (policy, slo_ms, "
                                           "fixed_variant, memory_budget_mb, min_accuracy, variants, ...)."),
+    events_log: Optional[Path] = typer.Option(None, "--events-log", help="Append each worker's setup and every "
+                                              "switch (time, from, to, reason, switch time) to this file as JSON lines."),
 ) -> None:
     """Serve a portfolio with LitServe (pure Python, no Java) until Ctrl-C: 127.0.0.1 and an API key by default."""
     from .litserve_command import litserve_command
 
     try:
         litserve_command(portfolio, host=host, port=port, workers_per_device=workers_per_device, api_key=api_key,
-                         no_auth=no_auth, config=config, console=console)
+                         no_auth=no_auth, config=config, events_log=events_log, console=console)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         _fail(exc)
 

@@ -96,7 +96,8 @@ class PortfolioLitAPI(ls.LitAPI):
         self._batch_start = None
         self._switch(self.policy.active_id, INITIAL_SWITCH_REASON)
         self._report(event="setup", pid=os.getpid(), device=self.device, variants=list(self.runtime.variant_ids),
-                     active=self.runtime.active_id)
+                     active=self.runtime.active_id, memory=core.memory_report(self.runtime),
+                     served=self.served.to_dict())
 
     def _report(self, **event) -> None:
         """One event for :class:`~dnnshifter_lightning.litserve_metrics.PortfolioMetricsLogger`, if the server has loggers."""
@@ -107,7 +108,7 @@ class PortfolioLitAPI(ls.LitAPI):
         record = core.switch(self.runtime, self.policy, vid, reason)
         if record is not None:
             self._report(event="switch", **{"from": record.from_id}, to=record.to_id, seconds=record.seconds,
-                         reason=reason)
+                         reason=reason, time=record.time)
         return record
 
     def decode_request(self, request: RawRequest):

@@ -132,10 +132,17 @@ def _healthy(port: int, key: str | None) -> bool:
 
 def litserve_command(portfolio: Path, *, host: str = "127.0.0.1", port: int = 8000, workers_per_device: int = 1,
                      api_key: str | None = None, no_auth: bool = False, config: Path | None = None,
-                     accelerator: str = "auto", console: Any = None) -> None:
+                     accelerator: str = "auto", events_log: Path | None = None, console: Any = None) -> None:
     """Serve ``portfolio`` with LitServe in the foreground until Ctrl-C (see the module docstring).
 
     Every check runs before a worker starts, and raises ``ValueError`` saying what to change.
+
+    >>> from pathlib import Path
+    >>> litserve_command(Path("portfolio"), port=8000)                # doctest: +SKIP
+    >>> litserve_command(Path("portfolio"), workers_per_device=0)
+    Traceback (most recent call last):
+        ...
+    ValueError: --workers-per-device must be >= 1, got 0
     """
     from .serve_core import LITSERVE_BATCHING, read_options_file
     from .serving import _console, state_dir
@@ -169,7 +176,8 @@ def litserve_command(portfolio: Path, *, host: str = "127.0.0.1", port: int = 80
     litserve.server.LIT_SERVER_API_KEY = api_key or None
     metrics_dir = tempfile.mkdtemp(prefix="dnnshifter-litserve-metrics-")
     server = litserve.LitServer(api, accelerator=accelerator, workers_per_device=workers_per_device,
-                                track_requests=True, loggers=PortfolioMetricsLogger(metrics_dir, quiet_ctrl_c=True),
+                                track_requests=True, loggers=PortfolioMetricsLogger(metrics_dir, events_log=events_log,
+                                                                                quiet_ctrl_c=True),
                                 callbacks=[_LeaveCtrlCToTheServer()], timeout=60)
     shown = "127.0.0.1" if bind in ("127.0.0.1", "0.0.0.0") else "[::1]"
     base = f"http://{shown}:{port}"

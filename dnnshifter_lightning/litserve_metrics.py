@@ -33,6 +33,7 @@ LitServe's logger process, not in yours.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -60,6 +61,9 @@ class PortfolioMetricsLogger(ls.Logger):
         path: where the metrics are mounted on the LitServer. Like TorchServe's metrics API, it is
             not behind the server's API key: it shows counts and variant ids, no request data.
         mount: ``False`` skips mounting (to use the logger without a server).
+        events_log: a file to append every ``setup`` and ``switch`` event to, one JSON line each
+            (time, from, to, reason, seconds; the served set and memory at setup), as the TorchServe
+            handler's ``DNNSHIFTER_SWITCH`` log lines. ``dnnshifter demo`` reads it.
         quiet_ctrl_c: the logger process ignores SIGINT (``dnnshifter litserve`` sets it: LitServe's
             main process handles Ctrl-C; otherwise the logger process dies of it with a traceback).
 
@@ -77,9 +81,10 @@ class PortfolioMetricsLogger(ls.Logger):
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, *, path: str = "/metrics", mount: bool = True,
-                 quiet_ctrl_c: bool = False):
+                 events_log: str | os.PathLike | None = None, quiet_ctrl_c: bool = False):
         super().__init__()
         self.quiet_ctrl_c = quiet_ctrl_c
+        self.events_log = None if events_log is None else str(events_log)
         self.directory = str(directory) if directory is not None else tempfile.mkdtemp(prefix="dnnshifter-metrics-")
         os.makedirs(self.directory, exist_ok=True)
         stale = [f for f in os.listdir(self.directory) if f.endswith(".db")]
@@ -94,7 +99,8 @@ class PortfolioMetricsLogger(ls.Logger):
 
     # LitServe pickles the logger into its logger process: only the settings travel, not the ASGI app
     def __getstate__(self) -> dict:
-        return {"directory": self.directory, "path": self.path, "quiet_ctrl_c": self.quiet_ctrl_c, "_config": {},
+        return {"directory": self.directory, "path": self.path, "quiet_ctrl_c": self.quiet_ctrl_c,
+                "events_log": self.events_log, "_config": {},
                 "_metrics": None, "_variants": {}}
 
     def registry(self):
@@ -153,6 +159,9 @@ class PortfolioMetricsLogger(ls.Logger):
             self._metrics = self._create()
         m, event = self._metrics, value.get("event")
         labels = {"api": str(value.get("api")), "worker": str(value.get("worker"))}
+        if self.events_log is not None and event in ("setup", "switch"):
+            with open(self.events_log, "a") as f:  # one short line per event: appends stay whole
+                f.write(json.dumps(value) + "\n")
         slot = (labels["api"], labels["worker"])
         if event == "setup":
             self._variants[slot] = list(value["variants"])

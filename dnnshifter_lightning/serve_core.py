@@ -198,6 +198,15 @@ def open_runtime(root: str | os.PathLike, opts: Mapping[str, Any],
     return served, runtime
 
 
+def memory_report(runtime: PortfolioRuntime) -> dict:
+    """Weights held for the served set (compressed + active) against the same set all inflated."""
+    raw = [v.get("bytes_raw") for v in runtime.manifest["variants"]]
+    return {"served": len(runtime.variant_ids), "portfolio": len(runtime.portfolio_ids),
+            **{f"{k}_bytes": v for k, v in runtime.resident_breakdown().items()},
+            "served_all_inflated_bytes": runtime.all_inflated_bytes(),
+            "portfolio_file_bytes_raw": sum(b for b in raw if isinstance(b, int))}
+
+
 def set_torch_threads(opts: Mapping[str, Any]) -> None:
     """``torch_threads``: ``"auto"`` leaves half the cores to the server's frontend and the clients."""
     threads = opts.get("torch_threads")

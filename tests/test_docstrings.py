@@ -19,7 +19,7 @@ MODULES = [
     *(f"dnnshifter_lightning.{name}" for name in (
         "masks", "imp", "structured", "portfolio", "graph", "profile", "builder", "runtime", "policy", "serving",
         "loadgen", "served", "digits", "models", "plot", "demo", "images", "checkpoints", "serve_core",
-        "litserve_api", "litserve_metrics", "litserve_command",
+        "litserve_api", "litserve_metrics", "litserve_command", "demo_serving",
     )),
 ]
 
