@@ -46,7 +46,7 @@ def _worker_rss_bytes(java_pid: int | None) -> int:
 
 def _archive(variant: dict[str, Any], portfolio: Path, manifest: dict[str, Any], version: str, store: Path,
              work: Path) -> str:
-    from dnnshifter_lightning.serving import HANDLER_FILE, _venv_tool, default_model_config
+    from dnnshifter_lightning.serve.torchserve import HANDLER_FILE, _venv_tool, default_model_config
     import yaml
 
     stage = work / f"stage_{version}"
@@ -71,7 +71,7 @@ def _archive(variant: dict[str, Any], portfolio: Path, manifest: dict[str, Any],
 def measure_versions(portfolio: Path, manifest: dict[str, Any], rounds: int = 2) -> dict[str, Any]:
     """Median seconds to switch to each variant by registering it as a new version + set-default."""
     try:
-        from dnnshifter_lightning.serving import ServingError, TorchServeServer, check_java
+        from dnnshifter_lightning.serve.torchserve import ServingError, TorchServeServer, check_java
         check_java()
     except Exception as exc:  # noqa: BLE001 - any reason TorchServe cannot run here
         return {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}

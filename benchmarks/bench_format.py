@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dnnshifter_lightning import portfolio as new  # noqa: E402
-from dnnshifter_lightning import runtime as rt_mod  # noqa: E402
-from dnnshifter_lightning.models import DigitsCNN, cifar_resnet  # noqa: E402
+from dnnshifter_lightning.demo.models import DigitsCNN, cifar_resnet  # noqa: E402
+from dnnshifter_lightning.serve import runtime as rt_mod  # noqa: E402
 from _common import machine, machine_line, markdown_table, write_json  # noqa: E402
 
 OLD_COMMIT = "12fbec3"

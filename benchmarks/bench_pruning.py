@@ -45,8 +45,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, machine_line, markdown_table, median, update_readme, write_json  # noqa: E402
 
-from dnnshifter_lightning.models import cifar_vgg16  # noqa: E402
-from dnnshifter_lightning.structured import _prune, clear_analysis_cache, prune_structurally  # noqa: E402
+from dnnshifter_lightning.demo.models import cifar_vgg16  # noqa: E402
+from dnnshifter_lightning.shrink.structured import _prune, clear_analysis_cache, prune_structurally  # noqa: E402
 
 console = Console(width=200)
 TIME_NOTE = ("prune ms: median time per variant once the architecture's dependency analysis is cached, as for "
@@ -202,7 +202,7 @@ def _magnitude_prune_to(dense: nn.Module, target_params: int, example: torch.Ten
 def bench_digits(levels: int, epochs_per_level: int, prune_fraction: float, width: int, max_ft_epochs: int) -> dict:
     import lightning as L
     from dnnshifter_lightning import IterativeMagnitudePruning
-    from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+    from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     L.seed_everything(0, workers=True)
@@ -236,7 +236,7 @@ def bench_digits_checkpoints(imp_dir: Path, max_ft_epochs: int, lat_rounds: int 
                              levels: list[int] | None = None) -> dict:
     """Variant vs sparse source and time to a variant, from level checkpoints that IMP already wrote
     (e.g. ``make demo``'s)."""
-    from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+    from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
 
     dm = DigitsDataModule(batch_size=64)
     dm.setup()

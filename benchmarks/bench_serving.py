@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, machine_line, markdown_table, median, update_readme, write_json  # noqa: E402
 
 from dnnshifter_lightning.loadgen import per_second, run_schedule  # noqa: E402
-from dnnshifter_lightning.served import resolve_served_set  # noqa: E402
-from dnnshifter_lightning.serving import (  # noqa: E402
+from dnnshifter_lightning.serve.served import resolve_served_set  # noqa: E402
+from dnnshifter_lightning.serve.torchserve import (  # noqa: E402
     TorchServeServer, build_archive, check_java, read_switches, run_load, summarize,
 )
 
@@ -79,11 +79,11 @@ def bench_portfolio(out: Path | None = None, widths=WIDTHS, epochs: int = EPOCHS
     accuracy, MACs and batch-1/8 latency (one thread). Upsampling adds no information; it makes the
     widest member heavy (about 38 M MACs per sample) so that the worker is the bottleneck on 2 cores.
     Cached: a portfolio already at ``out`` (default: the user cache dir, keyed by the recipe) is reused."""
-    from dnnshifter_lightning.digits import DIGITS_INPUT_SPEC, DigitsDataModule
-    from dnnshifter_lightning.models import DigitsCNN
+    from dnnshifter_lightning.demo.digits import DIGITS_INPUT_SPEC, DigitsDataModule
+    from dnnshifter_lightning.demo.models import DigitsCNN
     from dnnshifter_lightning.portfolio import (FORMAT_VERSION, VARIANT_SUFFIX, save_variant, sort_variants,
                                                 verify_portfolio, write_manifest)
-    from dnnshifter_lightning.profile import count_macs, count_params, measure_accuracy, measure_latency_ms
+    from dnnshifter_lightning.shrink.measure import count_macs, count_params, measure_accuracy, measure_latency_ms
 
     out = Path(out or _cache_dir())
     if (out / "manifest.json").is_file():
@@ -140,7 +140,7 @@ def remeasure_latency(portfolio: Path, repeats: int = 50) -> dict[str, dict[str,
     rewrite the manifest with it: the front rests on these figures, and a timing taken while the
     next model trains (or the machine is busy) can rank a cheaper variant as slower."""
     from dnnshifter_lightning.portfolio import load_variant, read_manifest, write_manifest
-    from dnnshifter_lightning.profile import measure_latency_ms
+    from dnnshifter_lightning.shrink.measure import measure_latency_ms
 
     manifest = read_manifest(portfolio)
     threads = torch.get_num_threads()
@@ -158,7 +158,7 @@ def remeasure_latency(portfolio: Path, repeats: int = 50) -> dict[str, dict[str,
 
 def held_out_requests(shape) -> tuple[list[bytes], list[int]]:
     """The held-out digits (never trained on) as JSON bodies at the portfolio's input size, and labels."""
-    from dnnshifter_lightning.digits import DigitsDataModule
+    from dnnshifter_lightning.demo.digits import DigitsDataModule
 
     dm = DigitsDataModule()
     dm.setup()

@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dnnshifter_lightning.models import DigitsCNN  # noqa: E402
+from dnnshifter_lightning.demo.models import DigitsCNN  # noqa: E402
 from dnnshifter_lightning.portfolio import load_variant, read_manifest, save_variant, write_manifest  # noqa: E402
-from dnnshifter_lightning.runtime import PortfolioRuntime  # noqa: E402
+from dnnshifter_lightning.serve.runtime import PortfolioRuntime  # noqa: E402
 from _common import machine, machine_line, markdown_table, update_readme  # noqa: E402
 
 SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
@@ -77,7 +77,7 @@ def build_portfolio(out: Path, width: int) -> dict[str, Any]:
         torch.manual_seed(level)
         model = _magnitude_prune(DigitsCNN(width=width), sparsity, seed=level)
         try:
-            from dnnshifter_lightning.structured import prune_structurally
+            from dnnshifter_lightning.shrink.structured import prune_structurally
             model = prune_structurally(model, (example,)).model
             structural.append(True)
         except Exception as exc:  # noqa: BLE001 - the bench measures switching, not pruning

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, machine_line, markdown_table, median, update_readme, write_json  # noqa: E402
 
 from dnnshifter_lightning import IterativeMagnitudePruning  # noqa: E402
-from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 
 
 def _trainer(epochs: int, callbacks: list, root: str) -> L.Trainer:

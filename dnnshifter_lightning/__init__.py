@@ -30,11 +30,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "IterativeMagnitudePruning": "dnnshifter_lightning.imp",
-    "PortfolioBuilder": "dnnshifter_lightning.builder",
-    "prune_structurally": "dnnshifter_lightning.structured",
-    "PortfolioRuntime": "dnnshifter_lightning.runtime",
-    "PortfolioLitAPI": "dnnshifter_lightning.litserve_api",
+    "IterativeMagnitudePruning": "dnnshifter_lightning.train.imp",
+    "PortfolioBuilder": "dnnshifter_lightning.shrink.build",
+    "prune_structurally": "dnnshifter_lightning.shrink.structured",
+    "PortfolioRuntime": "dnnshifter_lightning.serve.runtime",
+    "PortfolioLitAPI": "dnnshifter_lightning.serve.litserve",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]

@@ -19,7 +19,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .demo import DEMO_DEFAULTS
+from dnnshifter_lightning.demo.run import DEMO_DEFAULTS
 
 app = typer.Typer(
     name="dnnshifter",
@@ -53,8 +53,8 @@ def demo(
 ) -> None:
     """Train with IMP on real digits, build the portfolio, then serve and switch it with TorchServe
     (on 127.0.0.1 with token auth off, which the demo says; `dnnshifter serve` keeps it on) or LitServe."""
-    from .demo import run_demo
-    from .serving import ServingError
+    from dnnshifter_lightning.demo.run import run_demo
+    from dnnshifter_lightning.serve.torchserve import ServingError
 
     try:
         run_demo(out, levels=levels, prune_fraction=prune_fraction, epochs_per_level=epochs_per_level,
@@ -75,7 +75,7 @@ def portfolio_build(
     target_key: Optional[str] = typer.Option(None, "--target-key", help="Key of the labels in dict batches."),
 ) -> None:
     """Structurally prune level checkpoints trained elsewhere into a portfolio."""
-    from .builder import portfolio_build_command
+    from dnnshifter_lightning.shrink.build import portfolio_build_command
 
     try:
         portfolio_build_command(ckpt_dir, model, out, datamodule, input_shape=input_shape, input_key=input_key,
@@ -87,7 +87,7 @@ def portfolio_build(
 @portfolio_app.command("show")
 def portfolio_show(directory: Path = typer.Argument(..., help="Portfolio directory.")) -> None:
     """Print a portfolio's table (and verify its files)."""
-    from .builder import portfolio_show_command
+    from dnnshifter_lightning.shrink.build import portfolio_show_command
 
     try:
         portfolio_show_command(directory)
@@ -106,7 +106,7 @@ def archive(
                                            "accuracy/latency front above the accuracy floor), 'all', or ID,ID,..."),
 ) -> None:
     """Package a portfolio, the handler and its config into STORE/NAME.mar with torch-model-archiver."""
-    from .serving import archive_command
+    from dnnshifter_lightning.serve.torchserve import archive_command
 
     try:
         archive_command(portfolio, model_name, export_path, config=config, force=force, variants=variants)
@@ -128,7 +128,7 @@ def serve(
     metrics_port: Optional[int] = typer.Option(None),
 ) -> None:
     """Start real TorchServe on 127.0.0.1 with a generated config, wait until healthy, print the URLs."""
-    from .serving import serve_command, serve_stop_command
+    from dnnshifter_lightning.serve.torchserve import serve_command, serve_stop_command
 
     try:
         if stop:
@@ -159,7 +159,7 @@ def litserve_cmd(
                                               "switch (time, from, to, reason, switch time) to this file as JSON lines."),
 ) -> None:
     """Serve a portfolio with LitServe (pure Python, no Java) until Ctrl-C: 127.0.0.1 and an API key by default."""
-    from .litserve_command import litserve_command
+    from dnnshifter_lightning.serve.litserve_command import litserve_command
 
     try:
         litserve_command(portfolio, host=host, port=port, workers_per_device=workers_per_device, api_key=api_key,

@@ -18,7 +18,7 @@ torch.export loader runs on the load path. See ``docs/design-notes/portfolio.md`
 Example::
 
     >>> import torch
-    >>> from dnnshifter_lightning.models import DigitsCNN
+    >>> from dnnshifter_lightning.demo.models import DigitsCNN
     >>> model = DigitsCNN(width=2).eval()
     >>> graph, tensors = graph_from_module(model, torch.zeros(2, 1, 8, 8))
     >>> [n["op"] for n in graph["nodes"]][:3]

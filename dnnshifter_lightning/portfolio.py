@@ -23,7 +23,7 @@ What loading checks (every failure is a :class:`PortfolioError` naming the file)
 Every write is atomic: a temp file in the same directory, then :func:`os.replace`. The builder writes
 the manifest last, so a crash mid-build never leaves a manifest pointing at missing files.
 
-For cheap switching (see :class:`~dnnshifter_lightning.runtime.PortfolioRuntime`), a loaded variant
+For cheap switching (see :class:`~dnnshifter_lightning.serve.runtime.PortfolioRuntime`), a loaded variant
 splits into a skeleton and its weights: :func:`variant_state`, :func:`release_state`,
 :func:`assign_state`, and a pickle-free byte form :func:`pack_state` / :func:`unpack_state`.
 
@@ -31,7 +31,7 @@ Example::
 
     >>> import tempfile, torch
     >>> from pathlib import Path
-    >>> from dnnshifter_lightning.models import DigitsCNN
+    >>> from dnnshifter_lightning.demo.models import DigitsCNN
     >>> from dnnshifter_lightning.portfolio import save_variant, load_variant
     >>> d = Path(tempfile.mkdtemp())
     >>> info = save_variant(DigitsCNN(width=8).eval(), torch.zeros(2, 1, 8, 8), d / "v.safetensors.zst")
@@ -58,14 +58,14 @@ import torch
 import zstandard
 from torch import nn
 
-from . import graph as _graph
-from .graph import GraphError
+from dnnshifter_lightning import graph as _graph
+from dnnshifter_lightning.graph import GraphError
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "VARIANT_SUFFIX", "PortfolioError",
     "save_variant", "load_variant", "write_manifest", "read_manifest", "verify_portfolio",
     "validate_manifest", "sort_variants", "variant_state", "release_state", "assign_state",
-    "pack_state", "unpack_state", "atomic_write_bytes", "pareto_front", "load_json",
+    "pack_state", "unpack_state", "atomic_write_bytes", "pareto_front", "profiles_from_manifest", "load_json",
     "MAX_MANIFEST_BYTES", "MAX_VARIANT_BYTES", "MAX_HEADER_BYTES", "INPUT_DTYPES",
 ]
 
@@ -581,6 +581,19 @@ def pareto_front(variants: Sequence[Mapping[str, Any]], keep: Sequence[str] = ()
         return False
 
     return [v["id"] for v in variants if v["id"] in keep or not dominated(v)]
+
+
+def profiles_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[int, float]]:
+    """Latency profiles (seconds) from a portfolio manifest's ``latency_ms`` (measured at build time).
+
+    Example::
+
+        >>> manifest = {"variants": [{"id": "level_00", "latency_ms": {"1": 2.0, "8": 6.5}},
+        ...                          {"id": "level_04", "latency_ms": {"1": 0.5, "8": 1.5}}]}
+        >>> profiles_from_manifest(manifest)
+        {'level_00': {1: 0.002, 8: 0.0065}, 'level_04': {1: 0.0005, 8: 0.0015}}
+    """
+    return {v["id"]: {int(b): float(ms) / 1000.0 for b, ms in v["latency_ms"].items()} for v in manifest["variants"]}
 
 
 def _fail(directory: Path, why: str) -> PortfolioError:

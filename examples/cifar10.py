@@ -35,9 +35,9 @@ from torchvision import datasets, transforms
 
 # Imported so that jsonargparse also resolves the short names
 # (`--trainer.callbacks+=IterativeMagnitudePruning`), not only the full class paths.
-from dnnshifter_lightning.builder import PortfolioBuilder  # noqa: F401
-from dnnshifter_lightning.imp import IterativeMagnitudePruning  # noqa: F401
-from dnnshifter_lightning.models import cifar_resnet, cifar_vgg16
+from dnnshifter_lightning.shrink.build import PortfolioBuilder  # noqa: F401
+from dnnshifter_lightning.train.imp import IterativeMagnitudePruning  # noqa: F401
+from dnnshifter_lightning.demo.models import cifar_resnet, cifar_vgg16
 
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR10_STD = [0.2470, 0.2435, 0.2616]
@@ -77,7 +77,7 @@ def openlth_init_(model: nn.Module) -> None:
 
 
 class CIFAR10Classifier(L.LightningModule):
-    """Image classifier over ``dnnshifter_lightning.models``' CIFAR VGG-16 / ResNets.
+    """Image classifier over ``dnnshifter_lightning.demo.models``' CIFAR VGG-16 / ResNets.
 
     SGD (lr 0.1, momentum 0.9, weight decay 1e-4) with a MultiStepLR dropping the rate by ``gamma``
     at ``milestones`` (epochs). Under IMP the scheduler is rewound with the weights at every level,

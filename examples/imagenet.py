@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, models, transforms
 
 # Imported so that jsonargparse also resolves the short callback names on the command line.
-from dnnshifter_lightning.builder import PortfolioBuilder  # noqa: F401
-from dnnshifter_lightning.imp import IterativeMagnitudePruning  # noqa: F401
+from dnnshifter_lightning.shrink.build import PortfolioBuilder  # noqa: F401
+from dnnshifter_lightning.train.imp import IterativeMagnitudePruning  # noqa: F401
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import lightning as L
 
-import dnnshifter_lightning.imp as imp_mod
+import dnnshifter_lightning.train.imp as imp_mod
 from dnnshifter_lightning import IterativeMagnitudePruning
-from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
 
 out = Path(sys.argv[1])
 written: list[str] = []

@@ -8,8 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
-from dnnshifter_lightning.imp import CHECKPOINT_KEY, IterativeMagnitudePruning
+from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
+from dnnshifter_lightning.train.imp import CHECKPOINT_KEY, IterativeMagnitudePruning
 
 
 def make_trainer(imp: IterativeMagnitudePruning, root: Path, extra_callbacks=(), **kwargs: Any) -> L.Trainer:

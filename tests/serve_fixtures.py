@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from dnnshifter_lightning.digits import DIGITS_INPUT_SPEC, load_digits_tensors
-from dnnshifter_lightning.models import DigitsCNN
+from dnnshifter_lightning.demo.digits import DIGITS_INPUT_SPEC, load_digits_tensors
+from dnnshifter_lightning.demo.models import DigitsCNN
 from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, save_variant, sort_variants, write_manifest
-from dnnshifter_lightning.profile import count_params, measure_latency_ms
+from dnnshifter_lightning.shrink.measure import count_params, measure_latency_ms
 
 WIDTHS = (128, 32, 8)
 

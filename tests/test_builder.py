@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from dnnshifter_lightning import builder
-from dnnshifter_lightning.builder import PortfolioBuilder, build_portfolio, portfolio_build_command, portfolio_show_command
-from dnnshifter_lightning.digits import DIGITS_INPUT_SPEC, DigitsClassifier, DigitsDataModule, load_digits_tensors
+from dnnshifter_lightning.shrink import build as builder
+from dnnshifter_lightning.shrink.build import PortfolioBuilder, build_portfolio, portfolio_build_command, portfolio_show_command
+from dnnshifter_lightning.demo.digits import DIGITS_INPUT_SPEC, DigitsClassifier, DigitsDataModule, load_digits_tensors
 from dnnshifter_lightning.portfolio import VARIANT_SUFFIX, load_variant, read_manifest, verify_portfolio
 
 SPARSITIES = [0.0, 0.6, 0.85]
@@ -119,7 +119,7 @@ def test_failed_build_leaves_no_manifest(level_ckpts: Path, tmp_path: Path, monk
 
 
 def test_portfolio_builder_at_the_end_of_a_real_fit(tmp_path: Path) -> None:
-    from dnnshifter_lightning.imp import IterativeMagnitudePruning
+    from dnnshifter_lightning.train.imp import IterativeMagnitudePruning
 
     L.seed_everything(0, workers=True)
     imp = IterativeMagnitudePruning(levels=2, prune_fraction=0.5, epochs_per_level=1, rewind_to=0,
@@ -145,8 +145,8 @@ def test_portfolio_builder_needs_a_checkpoint_dir(tmp_path: Path) -> None:
 
 
 def test_cli_build_with_datamodule_and_show(level_ckpts: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    manifest = portfolio_build_command(level_ckpts, "dnnshifter_lightning.digits:DigitsClassifier", tmp_path,
-                                       "dnnshifter_lightning.digits:DigitsDataModule")
+    manifest = portfolio_build_command(level_ckpts, "dnnshifter_lightning.demo.digits:DigitsClassifier", tmp_path,
+                                       "dnnshifter_lightning.demo.digits:DigitsDataModule")
     assert all(v["accuracy"] is not None for v in manifest["variants"])
     capsys.readouterr()
     shown = portfolio_show_command(tmp_path)
@@ -157,7 +157,7 @@ def test_cli_build_with_datamodule_and_show(level_ckpts: Path, tmp_path: Path, c
 
 def test_cli_build_without_validation_data_records_null_accuracy(level_ckpts: Path, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="accuracies will be null"):
-        manifest = portfolio_build_command(level_ckpts, "dnnshifter_lightning.digits:DigitsClassifier", tmp_path)
+        manifest = portfolio_build_command(level_ckpts, "dnnshifter_lightning.demo.digits:DigitsClassifier", tmp_path)
     assert [v["level"] for v in manifest["variants"]] == [0, 1, 2]  # unmeasured: densest first
     assert all(v["accuracy"] is None and v["sparse_accuracy"] is None for v in manifest["variants"])
 
@@ -171,7 +171,7 @@ def test_plot_skips_with_a_warning_without_matplotlib(built: tuple[Path, dict], 
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from dnnshifter_lightning.plot import plot_portfolio
+    from dnnshifter_lightning.shrink.plot import plot_portfolio
 
     real_import = builtins.__import__
 
@@ -223,7 +223,7 @@ class DictBatchDigits(DigitsClassifier):
 
 
 def _fit_imp_and_builder(tmp_path: Path, model: L.LightningModule, *extra, levels: int = 1, **fit_kwargs) -> PortfolioBuilder:
-    from dnnshifter_lightning.imp import IterativeMagnitudePruning
+    from dnnshifter_lightning.train.imp import IterativeMagnitudePruning
 
     imp = IterativeMagnitudePruning(levels=levels, epochs_per_level=1, prune_fraction=0.5,
                                     checkpoint_dir=tmp_path / "imp", verbose=False)
@@ -239,7 +239,7 @@ def test_fit_with_dataloaders_dict_batches_and_two_val_loaders(tmp_path: Path) -
     the shape comes from the validation batches and accuracy is measured on the first loader."""
     from torch.utils.data import DataLoader
 
-    from dnnshifter_lightning.profile import measure_accuracy, unpack_batch
+    from dnnshifter_lightning.shrink.measure import measure_accuracy, unpack_batch
 
     x, y = load_digits_tensors()
     train = DataLoader(_DictDigits(x[:128], y[:128]), batch_size=64)
@@ -288,7 +288,7 @@ def test_unreadable_dict_batches_are_refused_before_training_and_the_keys_can_be
         _fit_imp_and_builder(tmp_path, DigitsClassifier(width=4), NoTrainingAllowed(),
                              train_dataloaders=DataLoader(list(zip(x[:64], y[:64])), batch_size=32),
                              val_dataloaders=odd)
-    from dnnshifter_lightning.builder import batch_unpacker
+    from dnnshifter_lightning.shrink.build import batch_unpacker
 
     manifest = build_portfolio(sorted(level_ckpts.glob("level_*.ckpt"))[-1:], DigitsClassifier, tmp_path / "p", odd,
                                unpack=batch_unpacker("pixels", "digit"), latency_repeats=1, plot=False)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from dnnshifter_lightning.builder import build_portfolio
-from dnnshifter_lightning.checkpoints import CheckpointTrustWarning, load_checkpoint, load_module_checkpoint
-from dnnshifter_lightning.digits import DigitsClassifier
-from dnnshifter_lightning.models import DigitsCNN
+from dnnshifter_lightning.shrink.build import build_portfolio
+from dnnshifter_lightning.train.checkpoints import CheckpointTrustWarning, load_checkpoint, load_module_checkpoint
+from dnnshifter_lightning.demo.digits import DigitsClassifier
+from dnnshifter_lightning.demo.models import DigitsCNN
 
 
 def _save(path, model, extra=None):

@@ -6,8 +6,8 @@ from unittest import mock
 
 import pytest
 
-from dnnshifter_lightning import demo_serving
-from dnnshifter_lightning.serving import JavaMissingError
+from dnnshifter_lightning.demo import serving as demo_serving
+from dnnshifter_lightning.serve.torchserve import JavaMissingError
 
 
 def _no_java():

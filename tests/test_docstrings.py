@@ -17,9 +17,12 @@ import pytest
 MODULES = [
     "dnnshifter_lightning",
     *(f"dnnshifter_lightning.{name}" for name in (
-        "masks", "imp", "structured", "portfolio", "graph", "profile", "builder", "runtime", "policy", "serving",
-        "loadgen", "served", "digits", "models", "plot", "demo", "images", "checkpoints", "serve_core",
-        "litserve_api", "litserve_metrics", "litserve_command", "demo_serving",
+        "train.masks", "train.imp", "train.checkpoints",
+        "shrink.structured", "shrink.measure", "shrink.build", "shrink.plot",
+        "portfolio", "graph", "loadgen",
+        "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core", "serve.litserve",
+        "serve.torchserve", "serve.litserve_metrics", "serve.litserve_command",
+        "demo.run", "demo.serving", "demo.digits", "demo.models",
     )),
 ]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnnshifter_lightning.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from dnnshifter_lightning.serve.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from serve_fixtures import bomb_png, small_image
 
 
@@ -56,7 +56,7 @@ def test_refusing_a_huge_image_allocates_almost_nothing(tmp_path):
     (tmp_path / "small.png").write_bytes(small_image("PNG"))
     script = f"""
 import resource
-from dnnshifter_lightning.images import ImageRejected, decode_image
+from dnnshifter_lightning.serve.images import ImageRejected, decode_image
 raw = open({str(tmp_path / "bomb.png")!r}, "rb").read()
 decode_image(open({str(tmp_path / "small.png")!r}, "rb").read(), size=(8, 8), mode="L")  # warm the code path
 vm = int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmSize:"))) * 1024

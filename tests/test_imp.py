@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from dnnshifter_lightning import IterativeMagnitudePruning
-from dnnshifter_lightning.digits import DigitsClassifier
-from dnnshifter_lightning.imp import CHECKPOINT_KEY, parse_rewind_point
+from dnnshifter_lightning.demo.digits import DigitsClassifier
+from dnnshifter_lightning.train.imp import CHECKPOINT_KEY, parse_rewind_point
 from imp_helpers import level_meta, load_level, make_trainer, new_model, small_datamodule
 
 LEVELS, EPOCHS, REWIND_STEP = 3, 2, 5

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from dnnshifter_lightning.imp import CHECKPOINT_KEY
-from dnnshifter_lightning.masks import mask_digest
+from dnnshifter_lightning.train.imp import CHECKPOINT_KEY
+from dnnshifter_lightning.train.masks import mask_digest
 
 
 def test_ddp_two_processes_identical_masks_and_rank_zero_writes(tmp_path):

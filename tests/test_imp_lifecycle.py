@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from dnnshifter_lightning import IterativeMagnitudePruning
-from dnnshifter_lightning.digits import DigitsClassifier
-from dnnshifter_lightning.imp import CHECKPOINT_KEY
-from dnnshifter_lightning.profile import measure_accuracy
+from dnnshifter_lightning.demo.digits import DigitsClassifier
+from dnnshifter_lightning.train.imp import CHECKPOINT_KEY
+from dnnshifter_lightning.shrink.measure import measure_accuracy
 from imp_helpers import level_meta, load_level, make_trainer, new_model, small_datamodule
 from test_imp_resume_and_config import Crash, CrashAtEpoch, Untouched, _refused
 

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
 from dnnshifter_lightning import IterativeMagnitudePruning
-from dnnshifter_lightning.imp import CHECKPOINT_KEY
+from dnnshifter_lightning.train.imp import CHECKPOINT_KEY
 from imp_helpers import load_level, make_trainer, new_model, small_datamodule
 
 LEVELS, EPOCHS = 2, 2
@@ -203,7 +203,7 @@ def test_existing_level_checkpoints_are_not_overwritten(tmp_path):
 
 
 def test_a_failed_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
-    import dnnshifter_lightning.imp as imp_mod
+    import dnnshifter_lightning.train.imp as imp_mod
 
     def failing_save(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")

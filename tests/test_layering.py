@@ -8,7 +8,12 @@ import sys
 import textwrap
 
 BLOCKED = ("lightning", "pytorch_lightning", "ts", "litserve", "rich")
-CORE = ("structured", "portfolio", "graph", "runtime", "policy", "served", "masks", "images", "loadgen", "serve_core")
+CORE = (
+    "train", "train.masks", "train.checkpoints",
+    "shrink", "shrink.structured", "shrink._surgery", "shrink.measure",
+    "portfolio", "graph", "loadgen",
+    "serve", "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core",
+)
 
 
 def test_the_core_imports_with_the_frameworks_blocked():
@@ -21,11 +26,14 @@ def test_the_core_imports_with_the_frameworks_blocked():
                     raise ImportError("blocked by the layering test: " + name)
 
         sys.meta_path.insert(0, Blocker())
+        import dnnshifter_lightning
+        import dnnshifter_lightning.serve.runtime
+        assert "dnnshifter_lightning.serve.policy" not in sys.modules, "the runtime imports the policy"
         for name in {CORE!r}:
             importlib.import_module("dnnshifter_lightning." + name)
         from dnnshifter_lightning import PortfolioRuntime, prune_structurally  # the public names
-        from dnnshifter_lightning.policy import LoadPolicy, PolicyConfig
-        from dnnshifter_lightning.portfolio import read_manifest, verify_portfolio
+        from dnnshifter_lightning.serve.policy import LoadPolicy, PolicyConfig
+        from dnnshifter_lightning.portfolio import profiles_from_manifest, read_manifest, verify_portfolio
         import torch
         result = prune_structurally(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 4))
         assert result.max_abs_diff == 0.0

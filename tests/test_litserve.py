@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnnshifter_lightning.runtime import PortfolioRuntime
-from dnnshifter_lightning.serving import PIN_HEADER, _http, free_port
+from dnnshifter_lightning.serve.runtime import PortfolioRuntime
+from dnnshifter_lightning.serve.torchserve import PIN_HEADER, _http, free_port
 
 from serve_fixtures import digits_samples, json_body, png_body, small_image
 

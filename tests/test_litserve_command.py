@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dnnshifter_lightning.cli import app
-from dnnshifter_lightning.serving import _http, _port_is_free, free_port
+from dnnshifter_lightning.serve.torchserve import _http, _port_is_free, free_port
 
 from serve_fixtures import digits_samples, json_body
 

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from dnnshifter_lightning import runtime as runtime_mod
-from dnnshifter_lightning.runtime import PinThrottled, PortfolioRuntime
+from dnnshifter_lightning.serve import runtime as runtime_mod
+from dnnshifter_lightning.serve.runtime import PinThrottled, PortfolioRuntime
 from serve_fixtures import build_test_portfolio
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dnnshifter_lightning.policy import LatencyProfile, LoadPolicy, PolicyConfig, profiles_from_manifest
+from dnnshifter_lightning.portfolio import profiles_from_manifest
+from dnnshifter_lightning.serve.policy import LatencyProfile, LoadPolicy, PolicyConfig
 
 # Four variants, most -> least accurate; seconds per batch of 1 and of 8.
 # Capacity at full batches of 8: v0 ~500/s, v1 ~890/s, v2 1600/s, v3 ~2670/s.
@@ -383,7 +384,7 @@ def test_pareto_front_drops_variants_slower_and_no_more_accurate():
 
 
 def test_handler_reads_the_batch_delay_from_the_archive_config():
-    from serve_handlers import portfolio_handler as handler
+    from dnnshifter_lightning.serve import handler
 
     assert handler._batch_delay_ms({"maxBatchDelay": 5}) == 5.0
     assert handler._batch_delay_ms({}) == 100.0  # TorchServe's own default

@@ -1,4 +1,4 @@
-"""The portfolio format (save/load/verify/manifest), the skeleton+weights helpers, and profile.py."""
+"""The portfolio format (save/load/verify/manifest), the skeleton+weights helpers, and shrink/measure.py."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import zstandard
 from torch import nn
 
 from dnnshifter_lightning import portfolio as pf
-from dnnshifter_lightning.models import DigitsCNN
+from dnnshifter_lightning.demo.models import DigitsCNN
 from dnnshifter_lightning.portfolio import PortfolioError
-from dnnshifter_lightning.profile import (
+from dnnshifter_lightning.shrink.measure import (
     count_macs, count_nonzero, count_params, measure_accuracy, measure_latency_ms,
 )
 

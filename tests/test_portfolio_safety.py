@@ -30,7 +30,7 @@ import zstandard
 from dnnshifter_lightning import graph as G
 from dnnshifter_lightning import portfolio as pf
 from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, PortfolioError
-from dnnshifter_lightning.runtime import PortfolioRuntime
+from dnnshifter_lightning.serve.runtime import PortfolioRuntime
 
 try:
     import sympy  # noqa: E402 - to trap sympify

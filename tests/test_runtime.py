@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from dnnshifter_lightning.models import DigitsCNN
+from dnnshifter_lightning.demo.models import DigitsCNN
 from dnnshifter_lightning.portfolio import PortfolioError, load_variant, save_variant, write_manifest
-from dnnshifter_lightning.runtime import PortfolioRuntime, SwitchError
+from dnnshifter_lightning.serve.runtime import PortfolioRuntime, SwitchError
 
 # (id, width, sparsity of the conv weights), most -> least accurate: the shape of a pruned portfolio
 # (structurally pruned variants are narrower and still sparse inside). Built directly, so these tests
@@ -119,7 +119,7 @@ def test_failed_inflate_keeps_previous_variant(portfolio, references, x, caplog)
     blob = bytearray(rt._variants["l2"].blob)
     blob[len(blob) // 2] ^= 0xFF  # corrupt the in-memory compressed weights
     rt._variants["l2"].blob = bytes(blob)
-    with caplog.at_level(logging.ERROR, logger="dnnshifter_lightning.runtime"):
+    with caplog.at_level(logging.ERROR, logger="dnnshifter_lightning.serve.runtime"):
         with pytest.raises(SwitchError, match="'dense' stays active"):
             rt.switch_to("l2")
     assert rt.active_id == "dense"
@@ -253,7 +253,7 @@ def test_zlib_codec_matches(portfolio, references, x):
 @pytest.fixture(scope="module")
 def big_portfolio(tmp_path_factory):
     """Two variants of several 1 MiB frames each (DigitsCNN width 64 holds ~4.6 MB of weights)."""
-    from dnnshifter_lightning.runtime import FRAME_BYTES
+    from dnnshifter_lightning.serve.runtime import FRAME_BYTES
 
     d = tmp_path_factory.mktemp("big_portfolio")
     variants = []

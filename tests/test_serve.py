@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnnshifter_lightning import serving
+from dnnshifter_lightning.serve import torchserve as serving
 from dnnshifter_lightning.portfolio import VARIANT_SUFFIX
-from dnnshifter_lightning.runtime import PortfolioRuntime
-from dnnshifter_lightning.serving import (
+from dnnshifter_lightning.serve.runtime import PortfolioRuntime
+from dnnshifter_lightning.serve.torchserve import (
     PIN_HEADER, JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches, run_load,
 )
 from serve_fixtures import (
@@ -478,7 +478,9 @@ def _demo_serving(portfolio_dir: Path, workdir: Path, **kw) -> tuple[dict, str]:
     from rich.console import Console
 
     console = Console(record=True, width=200)
-    report = serving.run_demo_serving(portfolio_dir, workdir, console, **kw)
+    from dnnshifter_lightning.demo.serving import run_demo_serving
+
+    report = run_demo_serving(portfolio_dir, workdir, console, engine="torchserve", **kw)
     return report, console.export_text()
 
 

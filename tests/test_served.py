@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dnnshifter_lightning.policy import LoadPolicy
+from dnnshifter_lightning.serve.policy import LoadPolicy
 from dnnshifter_lightning.portfolio import write_manifest
-from dnnshifter_lightning.runtime import PortfolioRuntime
-from dnnshifter_lightning.served import resolve_served_set
-from dnnshifter_lightning.serving import PIN_HEADER, ServingError, build_archive
+from dnnshifter_lightning.serve.runtime import PortfolioRuntime
+from dnnshifter_lightning.serve.served import resolve_served_set
+from dnnshifter_lightning.serve.torchserve import PIN_HEADER, ServingError, build_archive
 from serve_fixtures import build_test_portfolio, digits_samples, json_body
 from test_policy import PROFILES, FakeClock, poisson, simulate
 
@@ -50,7 +50,7 @@ class _Context:
 
 
 def _handler(portfolio: Path, **options):
-    from serve_handlers.portfolio_handler import PortfolioHandler
+    from dnnshifter_lightning.serve.handler import PortfolioHandler
 
     handler = PortfolioHandler()
     ctx = _Context(portfolio.parent, {"portfolio_dir": portfolio.name, **options})

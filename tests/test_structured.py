@@ -12,9 +12,9 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from dnnshifter_lightning import _surgery
-from dnnshifter_lightning.models import DigitsCNN, cifar_resnet, cifar_vgg16
-from dnnshifter_lightning.structured import (
+from dnnshifter_lightning.shrink import _surgery
+from dnnshifter_lightning.demo.models import DigitsCNN, cifar_resnet, cifar_vgg16
+from dnnshifter_lightning.shrink.structured import (
     PruneResult, StructuralPruningError, clear_analysis_cache, prune_structurally,
 )
 
@@ -279,7 +279,7 @@ def test_model_that_cannot_be_traced_gets_a_clear_error() -> None:
 
 def test_lightning_module_trained_then_zeroed_keeps_every_prediction() -> None:
     L = pytest.importorskip("lightning")
-    from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule, load_digits_tensors
+    from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule, load_digits_tensors
 
     L.seed_everything(0, workers=True)
     module = DigitsClassifier(width=16)
@@ -447,7 +447,7 @@ def test_later_lightning_checkpoints_reuse_the_fx_trace(monkeypatch: pytest.Monk
     """A LightningModule is traced with torch.fx once per structure; a later checkpoint of the same
     class gets a GraphModule from the cached graph, and the same predictions as its own weights give."""
     pytest.importorskip("lightning")
-    from dnnshifter_lightning.digits import DigitsClassifier, load_digits_tensors
+    from dnnshifter_lightning.demo.digits import DigitsClassifier, load_digits_tensors
 
     traces = []
     real_trace = torch.fx.symbolic_trace

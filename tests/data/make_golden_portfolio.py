@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dnnshifter_lightning.models import DigitsCNN
+from dnnshifter_lightning.demo.models import DigitsCNN
 from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, save_variant, write_manifest
 
 OUT = Path(__file__).resolve().parent / "golden_portfolio"

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from .loadgen import LoadResult, run_load, summarize
-from .serving import (INITIAL_SWITCH_REASON, PIN_HEADER, JavaMissingError, ServingError, TorchServeServer,
+from dnnshifter_lightning.loadgen import LoadResult, run_load, summarize
+from dnnshifter_lightning.serve.torchserve import (INITIAL_SWITCH_REASON, PIN_HEADER, JavaMissingError, ServingError, TorchServeServer,
                       _console, _fmt, _http, _log_json, _mb, build_archive, check_java, default_model_config, free_port,
                       read_switches)
 
@@ -176,12 +176,22 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
                      model_name: str = "digits", burst_s: float = 6.0, idle_s: float = 20.0, light_factor: float = 0.3,
                      burst_factor: float = 2.5, capacity_s: float = 2.0, no_auth: bool = False,
                      config: Mapping[str, Any] | None = None, deadline_ms: float = 100.0) -> dict[str, Any]:
-    """Serve ``portfolio_dir`` with ``engine`` (``"torchserve"`` or ``"litserve"``), load it, report.
+    """The serving part of ``dnnshifter demo``: serve with real TorchServe or LitServe, load it, report.
 
-    See :func:`dnnshifter_lightning.serving.run_demo_serving` for the trace and the report; on
-    LitServe the handler options of ``config`` (its ``handler:`` section) go to ``dnnshifter
-    litserve --config``, and the switches come from its ``--events-log``. Returns the report as
-    a dict (``{"skipped": why}`` for TorchServe without Java).
+    ``engine="torchserve"`` archives the portfolio and starts TorchServe; ``"litserve"`` starts
+    ``dnnshifter litserve`` (the ``handler:`` options of ``config`` go to its ``--config``, its
+    switches come from its ``--events-log``). The held-out digits go to 127.0.0.1 as JSON
+    requests. First the closed-loop capacity ``C`` of the most accurate served variant is measured
+    (16 clients pinned to it for ``capacity_s``), then an open-loop trace sized from it: ``light``
+    (``light_factor`` x C for 3 s), ``burst`` (``burst_factor`` x C for ``burst_s``), ``recovery``
+    (``light_factor`` x C until the most accurate variant serves again, at least 5 s and at most
+    ``idle_s``). Prints the served set and its memory, every switch (down under the burst, back up
+    after: from, to, when, why), latency, accuracy and effective accuracy (correct within
+    ``deadline_ms`` of when due, over offered) per phase, and the run's effective accuracy. Auth
+    (TorchServe's token, LitServe's API key) stays on unless ``no_auth`` (``dnnshifter demo`` turns
+    TorchServe's off, on loopback, and says so). Returns them as a dict (``{"skipped": why}`` for
+    TorchServe without Java). ``config`` overrides the archive's model-config (e.g. ``{"handler":
+    {"policy": {...}}}``). About 30-60 s including the server's start.
 
     >>> report = run_demo_serving(Path("demo_out/portfolio"), Path("demo_out/serve"), engine="litserve")  # doctest: +SKIP
     >>> [(s["from"], s["to"], s["direction"]) for s in report["switches"]]  # doctest: +SKIP
@@ -193,10 +203,10 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     """
     from rich.table import Table
 
-    from .digits import DigitsDataModule
-    from .loadgen import effective_accuracy, run_schedule
-    from .portfolio import read_manifest
-    from .served import resolve_served_set
+    from dnnshifter_lightning.demo.digits import DigitsDataModule
+    from dnnshifter_lightning.loadgen import effective_accuracy, run_schedule
+    from dnnshifter_lightning.portfolio import read_manifest
+    from dnnshifter_lightning.serve.served import resolve_served_set
 
     console = _console(console)
     if engine not in ENGINES:
@@ -220,7 +230,7 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     xs, ys = zip(*[(x, y) for x, y in dm.val_dataloader()])
     import torch
 
-    from .serving import json_bodies
+    from dnnshifter_lightning.serve.torchserve import json_bodies
 
     x, y = torch.cat(xs), torch.cat(ys)
     bodies, labels = json_bodies(x), [int(v) for v in y]

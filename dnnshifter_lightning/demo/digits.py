@@ -12,7 +12,7 @@ a user's module:
 Example::
 
     >>> import lightning as L
-    >>> from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+    >>> from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
     >>> dm = DigitsDataModule(batch_size=64, train_limit=128)   # drop train_limit for all 1,438
     >>> model = DigitsClassifier(width=16)
     >>> trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
@@ -32,7 +32,7 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .models import DigitsCNN
+from dnnshifter_lightning.demo.models import DigitsCNN
 
 __all__ = ["DigitsDataModule", "DigitsClassifier", "DIGITS_INPUT_SPEC", "load_digits_tensors"]
 
@@ -127,7 +127,7 @@ class DigitsDataModule(L.LightningDataModule):
 
 
 class DigitsClassifier(L.LightningModule):
-    """A LightningModule around :class:`~dnnshifter_lightning.models.DigitsCNN`.
+    """A LightningModule around :class:`~dnnshifter_lightning.demo.models.DigitsCNN`.
 
     SGD with momentum and weight decay (the LTH papers' optimiser), and a step LR schedule whose
     state the IMP callback rewinds every level.

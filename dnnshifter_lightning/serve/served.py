@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from .portfolio import pareto_front
+from dnnshifter_lightning.portfolio import pareto_front
 
 __all__ = ["ServedSet", "resolve_served_set", "parse_selection", "DEFAULT_FLOOR_FRACTION"]
 

@@ -51,7 +51,7 @@ is back on the most accurate variant about ``long_window_s`` after load turns li
 
 Example::
 
-    >>> from dnnshifter_lightning.policy import LoadPolicy, PolicyConfig
+    >>> from dnnshifter_lightning.serve.policy import LoadPolicy, PolicyConfig
     >>> now = [0.0]
     >>> profiles = {"big": {1: 0.004, 8: 0.020}, "small": {1: 0.001, 8: 0.004}}
     >>> policy = LoadPolicy(["big", "small"], profiles, clock=lambda: now[0], max_batch_size=8)
@@ -72,7 +72,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["PolicyConfig", "LoadPolicy", "Decision", "LatencyProfile", "profiles_from_manifest"]
+__all__ = ["PolicyConfig", "LoadPolicy", "Decision", "LatencyProfile"]
 
 
 @dataclass(frozen=True)
@@ -213,19 +213,6 @@ class LatencyProfile:
         i = bisect.bisect_right(bs, batch_size)
         frac = (batch_size - bs[i - 1]) / (bs[i] - bs[i - 1])
         return round(ls[i - 1] + frac * (ls[i] - ls[i - 1]), 12)
-
-
-def profiles_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[int, float]]:
-    """Latency profiles (seconds) from a portfolio manifest's ``latency_ms`` (measured at build time).
-
-    Example::
-
-        >>> manifest = {"variants": [{"id": "level_00", "latency_ms": {"1": 2.0, "8": 6.5}},
-        ...                          {"id": "level_04", "latency_ms": {"1": 0.5, "8": 1.5}}]}
-        >>> profiles_from_manifest(manifest)
-        {'level_00': {1: 0.002, 8: 0.0065}, 'level_04': {1: 0.0005, 8: 0.0015}}
-    """
-    return {v["id"]: {int(b): float(ms) / 1000.0 for b, ms in v["latency_ms"].items()} for v in manifest["variants"]}
 
 
 @dataclass

@@ -23,8 +23,8 @@ the copy and the verification.
 Example::
 
     >>> import torch
-    >>> from dnnshifter_lightning.models import DigitsCNN
-    >>> from dnnshifter_lightning.structured import prune_structurally
+    >>> from dnnshifter_lightning.demo.models import DigitsCNN
+    >>> from dnnshifter_lightning.shrink.structured import prune_structurally
     >>> model = DigitsCNN(width=8).eval()
     >>> with torch.no_grad():
     ...     model.features[3].weight[:4] = 0          # four dead filters in the second conv
@@ -73,7 +73,7 @@ class StructuralPruningError(RuntimeError):
         >>> prune_structurally(Branchy(), torch.ones(2, 4))
         Traceback (most recent call last):
             ...
-        dnnshifter_lightning.structured.StructuralPruningError: could not trace Branchy.forward with torch.fx ...
+        dnnshifter_lightning.shrink.structured.StructuralPruningError: could not trace Branchy.forward with torch.fx ...
         >>> prune_structurally(Branchy().fc, torch.ones(2, 4)).params_after    # the inner module is fine
         10
     """
@@ -97,7 +97,7 @@ class PruneResult:
     Example::
 
         >>> import torch
-        >>> from dnnshifter_lightning.models import DigitsCNN
+        >>> from dnnshifter_lightning.demo.models import DigitsCNN
         >>> model = DigitsCNN(width=4).eval()
         >>> with torch.no_grad():
         ...     model.features[0].weight[:2] = 0          # 2 of the first conv's 4 filters are dead
@@ -164,7 +164,7 @@ def prune_structurally(model: nn.Module, example_inputs: Any, *, approximate: bo
     Example::
 
         >>> import torch
-        >>> from dnnshifter_lightning.models import cifar_resnet
+        >>> from dnnshifter_lightning.demo.models import cifar_resnet
         >>> net = cifar_resnet(20).eval()
         >>> with torch.no_grad():
         ...     net.layers[0].conv1.weight[:8] = 0   # half the filters of a block's first conv
@@ -205,7 +205,7 @@ def clear_analysis_cache() -> None:
     Example::
 
         >>> import torch
-        >>> from dnnshifter_lightning.models import DigitsCNN
+        >>> from dnnshifter_lightning.demo.models import DigitsCNN
         >>> net, x = DigitsCNN(width=4).eval(), torch.randn(2, 1, 8, 8)
         >>> clear_analysis_cache()
         >>> prune_structurally(net, x).analysis_reused, prune_structurally(net, x).analysis_reused
@@ -255,7 +255,7 @@ def _eval_mode(model: nn.Module):
 def _analyse_architecture(src: nn.Module, inputs: tuple, names: dict) -> Any:
     """Traces ``src`` once with Torch-Pruning (autograd, so its parameters briefly require grad)
     and returns the name-based :class:`_surgery.Architecture`. ``src`` ends unchanged."""
-    from . import _surgery as surgery
+    from dnnshifter_lightning.shrink import _surgery as surgery
 
     counts: Counter = Counter()
     grads = [(p, p.requires_grad) for p in src.parameters()]
@@ -280,7 +280,7 @@ def _analyse_architecture(src: nn.Module, inputs: tuple, names: dict) -> Any:
 def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, rtol: float) -> PruneResult:
     """:func:`prune_structurally` with ``mode`` ``"exact"``, ``"approximate"`` or ``"dnnshifter"``
     (DNNShifter's rule, which may change the function: for the benchmark's comparison only)."""
-    from . import _surgery as surgery  # imports torch_pruning lazily: only needed here
+    from dnnshifter_lightning.shrink import _surgery as surgery  # imports torch_pruning lazily: only needed here
 
     start = time.perf_counter()
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)

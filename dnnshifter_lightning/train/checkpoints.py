@@ -81,7 +81,7 @@ def load_module_checkpoint(module_cls: Any, path: str | Path, **kwargs: Any) -> 
 
     >>> import tempfile, torch
     >>> from pathlib import Path
-    >>> from dnnshifter_lightning.digits import DigitsClassifier
+    >>> from dnnshifter_lightning.demo.digits import DigitsClassifier
     >>> path = Path(tempfile.mkdtemp()) / "level_00.ckpt"
     >>> model = DigitsClassifier(width=4)
     >>> torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),

@@ -1,16 +1,16 @@
 """TorchServe handler that hosts a whole DNNShifter portfolio and switches variants as load changes.
 
-Thin glue: :class:`~dnnshifter_lightning.runtime.PortfolioRuntime` holds the variants (inactive
-ones zstd-compressed), :class:`~dnnshifter_lightning.policy.LoadPolicy` picks the variant for each
+Thin glue: :class:`~dnnshifter_lightning.serve.runtime.PortfolioRuntime` holds the variants (inactive
+ones zstd-compressed), :class:`~dnnshifter_lightning.serve.policy.LoadPolicy` picks the variant for each
 batch. ``dnnshifter archive`` packs this file, the portfolio (``portfolio/``) and a
 ``model-config.yaml`` into a ``.mar``; options live under ``handler:`` in that YAML (see
-``dnnshifter_lightning.serving.DEFAULT_MODEL_CONFIG`` for the keys and defaults). Options, the served
-set, the policy, request parsing and batch inference live in :mod:`dnnshifter_lightning.serve_core`,
+``dnnshifter_lightning.serve.torchserve.DEFAULT_MODEL_CONFIG`` for the keys and defaults). Options, the served
+set, the policy, request parsing and batch inference live in :mod:`dnnshifter_lightning.serve.core`,
 shared with the LitServe API (:class:`dnnshifter_lightning.PortfolioLitAPI`).
 
 Request body: PNG/JPEG bytes, or JSON ``{"data": <one input without the batch dim>}``, at most
 ``max_body_bytes``; images at most ``max_image_pixels`` (checked on the header before decoding,
-see :mod:`dnnshifter_lightning.images`). Response: ``{"label": int, "scores": [...], "variant":
+see :mod:`dnnshifter_lightning.serve.images`). Response: ``{"label": int, "scores": [...], "variant":
 "<id>"}``; a bad request gets a 4xx and ``{"error": "..."}`` while the rest of its batch is served.
 A request header ``X-DNNShifter-Variant: <id>`` pins the variant for that request; a pin to a
 variant that is not inflated inflates it at most once per ``pin_inflate_interval_s``, and a pin
@@ -38,8 +38,8 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from dnnshifter_lightning import serve_core as core
-from dnnshifter_lightning.serving import INITIAL_SWITCH_REASON
+from dnnshifter_lightning.serve import core
+from dnnshifter_lightning.serve.torchserve import INITIAL_SWITCH_REASON
 
 logger = logging.getLogger(__name__)
 

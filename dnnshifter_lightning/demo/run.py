@@ -1,8 +1,8 @@
 """``dnnshifter demo``: the whole DNNShifter pipeline on scikit-learn's real 8x8 digits.
 
-1. Train :class:`~dnnshifter_lightning.digits.DigitsClassifier` with
-   :class:`~dnnshifter_lightning.imp.IterativeMagnitudePruning` (one sparse checkpoint per level).
-2. The post-fit :class:`~dnnshifter_lightning.builder.PortfolioBuilder` prunes each checkpoint
+1. Train :class:`~dnnshifter_lightning.demo.digits.DigitsClassifier` with
+   :class:`~dnnshifter_lightning.train.imp.IterativeMagnitudePruning` (one sparse checkpoint per level).
+2. The post-fit :class:`~dnnshifter_lightning.shrink.build.PortfolioBuilder` prunes each checkpoint
    structurally into a portfolio of dense variants, measures them and draws ``portfolio.png``;
    :func:`ladder_report` then checks that the front (validation accuracy against batch-8 latency) is
    a ladder worth switching along and prints what it found.
@@ -11,7 +11,7 @@
 
 Example::
 
-    from dnnshifter_lightning.demo import run_demo
+    from dnnshifter_lightning.demo.run import run_demo
     run_demo("demo_out", levels=4, epochs_per_level=1, serve=False)
 """
 
@@ -29,9 +29,9 @@ import lightning as L
 import torch
 from rich.console import Console
 
-from .digits import DigitsClassifier, DigitsDataModule
-from .imp import IterativeMagnitudePruning
-from .profile import count_macs
+from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
+from dnnshifter_lightning.shrink.measure import count_macs
+from dnnshifter_lightning.train.imp import IterativeMagnitudePruning
 
 __all__ = ["run_demo", "DEMO_DEFAULTS", "LadderReport", "ladder_report", "LADDER_CRITERIA"]
 
@@ -93,7 +93,7 @@ def ladder_report(manifest: dict[str, Any], val_samples: int | None,
         >>> ladder_report({"variants": flat}, val_samples=360).problems
         ['accuracy spread 0.3 points < 3', 'accuracy spread 1 validation samples < 10', 'latency spread 1.7x < 3x']
     """
-    from .portfolio import pareto_front
+    from dnnshifter_lightning.portfolio import pareto_front
 
     want = {**LADDER_CRITERIA, **(criteria or {})}
     variants = manifest["variants"]
@@ -154,7 +154,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
     after the portfolio. It refuses to overwrite the level checkpoints of an earlier run unless
     ``fresh`` (which deletes ``out`` first). ``engine`` serves with ``"torchserve"`` or
     ``"litserve"``; by default TorchServe while Java 17 is present, else LitServe, and the demo says
-    why (:func:`~dnnshifter_lightning.demo_serving.choose_engine`, checked before training).
+    why (:func:`~dnnshifter_lightning.demo.serving.choose_engine`, checked before training).
 
     Example::
 
@@ -182,7 +182,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
         raise FileExistsError(f"{ckpt_dir} already holds level checkpoints: pass --fresh or another --out")
     engine_why = None
     if build and serve:  # before training: an engine asked for that cannot run is an error now
-        from .demo_serving import choose_engine
+        from dnnshifter_lightning.demo.serving import choose_engine
 
         engine, engine_why = choose_engine(engine)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
                                     layer_prune_fractions={"model.classifier": prune_fraction / 2})
     callbacks: list[L.Callback] = [imp]
     if build:
-        from .builder import PortfolioBuilder
+        from dnnshifter_lightning.shrink.build import PortfolioBuilder
 
         callbacks.append(PortfolioBuilder(out_dir=out / "portfolio"))
     from lightning.pytorch.callbacks import RichProgressBar
@@ -219,7 +219,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
     summary["train_seconds"] = time.perf_counter() - started
 
     if build:
-        from .portfolio import read_manifest
+        from dnnshifter_lightning.portfolio import read_manifest
 
         manifest = read_manifest(out / "portfolio")
         summary["portfolio"] = str(out / "portfolio")
@@ -237,7 +237,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
         name = {"torchserve": "TorchServe", "litserve": "LitServe"}[engine]
         console.rule(f"[bold]3. Serving the portfolio with {name}, switching as load changes")
         console.print(f"engine: {engine_why}", highlight=False)
-        from .demo_serving import run_demo_serving
+        from dnnshifter_lightning.demo.serving import run_demo_serving
 
         # a local demo on 127.0.0.1: TorchServe's token auth off, explicitly, and run_demo_serving prints
         # that; LitServe keeps its API key on (the demo reads it from its own work dir)

@@ -10,7 +10,7 @@ matplotlib is the optional ``plot`` extra (``pip install 'dnnshifter-lightning[p
 Example::
 
     from dnnshifter_lightning.portfolio import read_manifest
-    from dnnshifter_lightning.plot import plot_portfolio
+    from dnnshifter_lightning.shrink.plot import plot_portfolio
     plot_portfolio(read_manifest("portfolio"), "portfolio/portfolio.png")
 """
 
@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .portfolio import pareto_front
+from dnnshifter_lightning.portfolio import pareto_front
 
 __all__ = ["plot_portfolio", "plot_points"]
 

@@ -3,11 +3,11 @@
 * It binds 127.0.0.1 unless ``--host`` says otherwise. ``0.0.0.0`` (or ``::``) listens on every
   interface, and is refused unless ``--api-key KEY`` gives the key that clients elsewhere will send.
 * Auth is on: without ``--api-key`` it generates a key and writes it, readable by you only (0600),
-  to ``$DNNSHIFTER_HOME/litserve/api_key`` (see :func:`~dnnshifter_lightning.serving.state_dir`).
+  to ``$DNNSHIFTER_HOME/litserve/api_key`` (see :func:`~dnnshifter_lightning.serve.torchserve.state_dir`).
   Clients send it as ``X-API-Key``. ``--no-auth`` turns auth off, on loopback only.
 * ``--config my.yaml`` takes the TorchServe handler's options (policy settings, ``slo_ms``,
   ``fixed_variant``, ``memory_budget_mb``, ``min_accuracy``, ``variants``, ...) and LitServe's
-  ``max_batch_size`` / ``batch_timeout``, checked by :mod:`dnnshifter_lightning.serve_core`
+  ``max_batch_size`` / ``batch_timeout``, checked by :mod:`dnnshifter_lightning.serve.core`
   before anything starts.
 * Workers: ``--workers-per-device N`` on ``accelerator="auto"`` (the GPUs if there are any, else the
   CPU); each worker holds its own runtime and policy.
@@ -144,8 +144,8 @@ def litserve_command(portfolio: Path, *, host: str = "127.0.0.1", port: int = 80
         ...
     ValueError: --workers-per-device must be >= 1, got 0
     """
-    from .serve_core import LITSERVE_BATCHING, read_options_file
-    from .serving import _console, state_dir
+    from dnnshifter_lightning.serve.core import LITSERVE_BATCHING, read_options_file
+    from dnnshifter_lightning.serve.torchserve import _console, state_dir
 
     console = _console(console)
     bind = check_bind(host, api_key, no_auth)
@@ -158,8 +158,8 @@ def litserve_command(portfolio: Path, *, host: str = "127.0.0.1", port: int = 80
 
     import litserve.server
 
-    from .litserve_api import PortfolioLitAPI
-    from .litserve_metrics import PortfolioMetricsLogger
+    from dnnshifter_lightning.serve.litserve import PortfolioLitAPI
+    from dnnshifter_lightning.serve.litserve_metrics import PortfolioMetricsLogger
 
     api = PortfolioLitAPI(portfolio, **batching, **options)  # checks the options against the portfolio
     if _port_taken(bind, port):

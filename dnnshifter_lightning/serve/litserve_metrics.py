@@ -1,4 +1,4 @@
-"""Prometheus metrics for :class:`~dnnshifter_lightning.litserve_api.PortfolioLitAPI`, through LitServe's loggers.
+"""Prometheus metrics for :class:`~dnnshifter_lightning.serve.litserve.PortfolioLitAPI`, through LitServe's loggers.
 
 Each inference worker reports what it did with ``LitAPI.log("dnnshifter", event)`` (LitServe puts
 it on a queue, off the request path); :class:`PortfolioMetricsLogger`, a ``litserve.Logger``, turns
@@ -20,8 +20,8 @@ runtime and policy, so each has its own active variant):
 Example::
 
     import litserve
-    from dnnshifter_lightning.litserve_api import PortfolioLitAPI
-    from dnnshifter_lightning.litserve_metrics import PortfolioMetricsLogger
+    from dnnshifter_lightning.serve.litserve import PortfolioLitAPI
+    from dnnshifter_lightning.serve.litserve_metrics import PortfolioMetricsLogger
 
     server = litserve.LitServer(PortfolioLitAPI("portfolio"), loggers=PortfolioMetricsLogger())
     server.run(host="127.0.0.1", port=8000)    # then: curl http://127.0.0.1:8000/metrics

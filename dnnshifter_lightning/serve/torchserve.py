@@ -8,7 +8,7 @@ Example::
 
     >>> import json
     >>> from pathlib import Path
-    >>> from dnnshifter_lightning.serving import build_archive, TorchServeServer
+    >>> from dnnshifter_lightning.serve.torchserve import build_archive, TorchServeServer
     >>> mar = build_archive(Path("portfolio"), "digits", Path("store"))        # doctest: +SKIP
     >>> with TorchServeServer(Path("store"), {"digits": "digits.mar"}) as ts:  # doctest: +SKIP
     ...     status, body = ts.predict("digits", json.dumps({"data": [[[0.0] * 8] * 8]}).encode())
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -32,18 +33,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .loadgen import LOOPBACK, LoadResult, run_load, summarize
+from dnnshifter_lightning.loadgen import LOOPBACK, LoadResult, run_load, summarize
 
 __all__ = [
     "JavaMissingError", "ServingError", "check_java", "free_port", "default_model_config",
     "build_archive", "TorchServeServer", "LoadResult", "run_load",
     "archive_command", "serve_command", "serve_stop_command", "PIN_HEADER", "HANDLER_FILE",
-    "summarize", "read_switches", "run_demo_serving", "json_bodies",
+    "summarize", "read_switches", "json_bodies",
 ]
 
 PIN_HEADER = "X-DNNShifter-Variant"
 INITIAL_SWITCH_REASON = "initial choice"  # the handler's switch log entry for the variant it starts on
-HANDLER_FILE = Path(__file__).resolve().parent.parent / "serve_handlers" / "portfolio_handler.py"
+#: The TorchServe worker code that ``build_archive`` packs into the ``.mar``, found by import (the file of
+#: ``dnnshifter_lightning.serve.handler``, without importing it: it imports ``ts``).
+HANDLER_FILE = Path(importlib.util.find_spec("dnnshifter_lightning.serve.handler").origin)
 #: Largest request body TorchServe's frontend accepts (``max_request_size``): a 3x224x224 input as
 #: JSON is about 1.5 MB, a photo-sized JPEG a few MB.
 MAX_REQUEST_BYTES = 8 * 2**20
@@ -131,7 +134,7 @@ def check_java() -> str:
     ...     check_java()
     Traceback (most recent call last):
         ...
-    dnnshifter_lightning.serving.JavaMissingError: JAVA_HOME=... has no bin/java.
+    dnnshifter_lightning.serve.torchserve.JavaMissingError: JAVA_HOME=... has no bin/java.
     TorchServe 0.12 needs Java 17 ...
     """
     java_home = os.environ.get("JAVA_HOME")
@@ -207,7 +210,7 @@ def build_archive(portfolio: Path, model_name: str, export_path: Path, config: P
 
     ``variants`` (``"front"``, ``"all"``, ``"ID,ID"`` or a list of ids) sets the served set,
     ``handler.variants`` in the config (default: the accuracy/latency front above the accuracy
-    floor, see :mod:`dnnshifter_lightning.served`). The portfolio's manifest is read first and the
+    floor, see :mod:`dnnshifter_lightning.serve.served`). The portfolio's manifest is read first and the
     served set resolved, so a directory that is not a portfolio, an unknown id or a floor that leaves
     nothing to serve fails here, not inside TorchServe.
 
@@ -221,16 +224,16 @@ def build_archive(portfolio: Path, model_name: str, export_path: Path, config: P
         >>> build_archive(empty, "digits", empty / "store")
         Traceback (most recent call last):
             ...
-        dnnshifter_lightning.serving.ServingError: ... is not a portfolio: .../manifest.json is missing
+        dnnshifter_lightning.serve.torchserve.ServingError: ... is not a portfolio: .../manifest.json is missing
     """
     import yaml
 
     portfolio, export_path = Path(portfolio), Path(export_path)
     if not (portfolio / "manifest.json").is_file():
         raise ServingError(f"{portfolio} is not a portfolio: {portfolio / 'manifest.json'} is missing")
-    from .portfolio import PortfolioError, read_manifest  # imports torch: only here
+    from dnnshifter_lightning.portfolio import PortfolioError, read_manifest  # imports torch: only here
 
-    from .served import resolve_served_set
+    from dnnshifter_lightning.serve.served import resolve_served_set
 
     try:
         manifest = read_manifest(portfolio)  # fail early on a broken manifest
@@ -909,38 +912,3 @@ def _log_json(server: TorchServeServer, tag: str) -> list[dict[str, Any]]:
 
 def _mb(n: Any) -> str:
     return "-" if not isinstance(n, (int, float)) else f"{n / 2**20:.2f} MB"
-
-
-def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *, model_name: str = "digits",
-                     burst_s: float = 6.0, idle_s: float = 20.0, light_factor: float = 0.3, burst_factor: float = 2.5,
-                     capacity_s: float = 2.0, no_auth: bool = False, config: Mapping[str, Any] | None = None,
-                     deadline_ms: float = 100.0) -> dict[str, Any]:
-    """The serving part of ``dnnshifter demo``: archive, serve with real TorchServe, load it, report.
-
-    The held-out digits go to 127.0.0.1 as JSON requests. First the closed-loop capacity ``C`` of the
-    most accurate served variant is measured (16 clients pinned to it for ``capacity_s``), then an
-    open-loop trace sized from it: ``light`` (``light_factor`` x C for 3 s), ``burst``
-    (``burst_factor`` x C for ``burst_s``), ``recovery`` (``light_factor`` x C until the most
-    accurate variant serves again, at least 5 s and at most ``idle_s``). Prints the served set and
-    its memory, every switch (down under the burst, back up after: from, to, when, why), latency,
-    accuracy and effective accuracy (correct within ``deadline_ms`` of when due, over offered) per
-    phase, and the run's effective accuracy. Token auth stays on unless ``no_auth`` (``dnnshifter
-    demo`` turns it off, on loopback, and says so). Returns them as a dict (``{"skipped": why}``
-    without Java). ``config`` overrides the archive's model-config (e.g. ``{"handler": {"policy": {...}}}``).
-    About 30-60 s including TorchServe's start. The same run on LitServe:
-    :func:`dnnshifter_lightning.demo_serving.run_demo_serving` with ``engine="litserve"``.
-
-    Example::
-
-        >>> from pathlib import Path
-        >>> report = run_demo_serving(Path("demo_out/portfolio"), Path("demo_out/serve"))  # doctest: +SKIP
-        >>> sorted(report["phases"])  # doctest: +SKIP
-        ['burst', 'light', 'recovery']
-        >>> for s in report["switches"]:  # doctest: +SKIP
-        ...     print(f'{s["at_s"]:6.2f} s  {s["from"]} -> {s["to"]}: {s["reason"]}')
-    """
-    from .demo_serving import run_demo_serving as run_on
-
-    return run_on(portfolio_dir, workdir, console, engine="torchserve", model_name=model_name, burst_s=burst_s,
-                  idle_s=idle_s, light_factor=light_factor, burst_factor=burst_factor, capacity_s=capacity_s,
-                  no_auth=no_auth, config=config, deadline_ms=deadline_ms)

@@ -1,7 +1,7 @@
 """LitServe API that hosts a whole DNNShifter portfolio and switches variants as load changes.
 
 The same contract as the TorchServe handler, through the same code
-(:mod:`dnnshifter_lightning.serve_core`): ``POST /predict`` takes PNG/JPEG bytes or JSON
+(:mod:`dnnshifter_lightning.serve.core`): ``POST /predict`` takes PNG/JPEG bytes or JSON
 ``{"data": <one input without the batch dim>}`` and answers ``{"label", "scores", "variant"}``;
 a bad request gets a 4xx ``{"error": ..., "code": ...}`` while the rest of its batch is answered;
 the header ``X-DNNShifter-Variant: <id>`` pins a variant for one request. Options are the TorchServe
@@ -17,7 +17,7 @@ of being guessed from gaps and full batches (see docs/serving.md).
 Each worker (``workers_per_device``) holds its own runtime and policy. ``setup(device)`` opens the
 runtime on LitServe's device for that worker: the active variant is inflated there, the compressed
 ones stay in host memory. With ``litserve.LitServer(..., loggers=PortfolioMetricsLogger())``
-(:mod:`dnnshifter_lightning.litserve_metrics`) each worker reports its setup, switches and requests
+(:mod:`dnnshifter_lightning.serve.litserve_metrics`) each worker reports its setup, switches and requests
 per variant, served as Prometheus metrics on ``/metrics``.
 
 Example::
@@ -40,11 +40,11 @@ import litserve as ls
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 
-from . import serve_core as core
-from .litserve_metrics import METRICS_KEY
-from .portfolio import read_manifest
-from .served import resolve_served_set
-from .serving import INITIAL_SWITCH_REASON
+from dnnshifter_lightning.portfolio import read_manifest
+from dnnshifter_lightning.serve import core
+from dnnshifter_lightning.serve.served import resolve_served_set
+from dnnshifter_lightning.serve.torchserve import INITIAL_SWITCH_REASON
+from dnnshifter_lightning.serve.litserve_metrics import METRICS_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ They are ordinary torchvision-style modules with no cleverness in ``forward``:
 Example::
 
     >>> import torch
-    >>> from dnnshifter_lightning.models import DigitsCNN
+    >>> from dnnshifter_lightning.demo.models import DigitsCNN
     >>> DigitsCNN()(torch.zeros(2, 1, 8, 8)).shape
     torch.Size([2, 10])
 """

@@ -26,7 +26,7 @@ Example::
 
     import lightning as L
     from dnnshifter_lightning import IterativeMagnitudePruning
-    from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+    from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
 
     imp = IterativeMagnitudePruning(levels=3, epochs_per_level=2, rewind_to="1ep",
                                     checkpoint_dir="imp_ckpts")
@@ -52,7 +52,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .masks import (
+from dnnshifter_lightning.train.masks import (
     DEFAULT_PRUNABLE_TYPES,
     MaskEnforcer,
     count_surviving,
@@ -184,7 +184,7 @@ class IterativeMagnitudePruning(Callback):
 
         >>> import tempfile
         >>> import lightning as L
-        >>> from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+        >>> from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
         >>> imp = IterativeMagnitudePruning(levels=2, epochs_per_level=1, prune_fraction=0.5,
         ...                                 checkpoint_dir=tempfile.mkdtemp(), verbose=False)
         >>> imp.total_epochs, imp.target_sparsity(2)
@@ -361,7 +361,7 @@ class IterativeMagnitudePruning(Callback):
 
     def _check_levels_leave_weights(self) -> None:
         groups: dict[float, int] = {}
-        from .masks import _layer_of, _matches  # local: private helpers of the same package
+        from dnnshifter_lightning.train.masks import _layer_of, _matches  # local: private helpers of the same package
 
         for name, w in self._weights.items():
             hit = _matches(_layer_of(name), self.layer_prune_fractions)

@@ -3,8 +3,8 @@
 Example::
 
     >>> import torch
-    >>> from dnnshifter_lightning.models import DigitsCNN
-    >>> from dnnshifter_lightning.profile import count_params, count_macs
+    >>> from dnnshifter_lightning.demo.models import DigitsCNN
+    >>> from dnnshifter_lightning.shrink.measure import count_params, count_macs
     >>> m = DigitsCNN(width=8).eval()
     >>> count_params(m)
     18482

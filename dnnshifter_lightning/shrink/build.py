@@ -6,7 +6,7 @@ what ``dnnshifter portfolio build|show`` run. For every ``level_LL.ckpt`` the bu
 
 1. loads the checkpoint strictly into the user's LightningModule class and reads ``ckpt["dnnshifter"]``;
 2. measures the sparse model (accuracy, params, MACs, latency at batch 1 and 8);
-3. removes its dead channels with :func:`~dnnshifter_lightning.structured.prune_structurally`;
+3. removes its dead channels with :func:`~dnnshifter_lightning.shrink.structured.prune_structurally`;
 4. saves the variant (:func:`~dnnshifter_lightning.portfolio.save_variant`) and reloads it, so every
    figure in the manifest (accuracy, latency, output difference) is measured on the file as served;
 5. writes ``manifest.json`` last, ordered most to least accurate, plus ``portfolio.png``.
@@ -15,7 +15,7 @@ Example::
 
     import lightning as L
     from dnnshifter_lightning import IterativeMagnitudePruning, PortfolioBuilder
-    from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+    from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
 
     imp = IterativeMagnitudePruning(levels=3, epochs_per_level=2, checkpoint_dir="imp_ckpts")
     trainer = L.Trainer(max_epochs=imp.total_epochs, callbacks=[imp, PortfolioBuilder(out_dir="portfolio")])
@@ -46,15 +46,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from . import __version__
-from .checkpoints import load_checkpoint, load_module_checkpoint
-from .graph import graph_from_module
-from .portfolio import (
+from dnnshifter_lightning import __version__
+from dnnshifter_lightning.graph import graph_from_module
+from dnnshifter_lightning.portfolio import (
     FORMAT_VERSION, MANIFEST_NAME, VARIANT_SUFFIX, ZSTD_LEVEL, load_variant, save_variant, sort_variants,
     verify_portfolio, write_manifest,
 )
-from .profile import count_macs, count_nonzero, count_params, measure_accuracy, measure_latency_ms, state_bytes
-from .profile import unpack_batch as unpack_batch_default
+from dnnshifter_lightning.shrink.measure import (
+    count_macs, count_nonzero, count_params, measure_accuracy, measure_latency_ms, state_bytes,
+)
+from dnnshifter_lightning.shrink.measure import unpack_batch as unpack_batch_default
+from dnnshifter_lightning.train.checkpoints import load_checkpoint, load_module_checkpoint
 
 __all__ = ["build_portfolio", "PortfolioBuilder", "portfolio_build_command", "portfolio_show_command",
            "portfolio_table", "import_object", "resolve_input", "batch_unpacker", "first_loader", "unwrap_compiled",
@@ -65,7 +67,7 @@ _LEVEL_RE = re.compile(r"level_(\d+)\.ckpt$")
 
 
 def _prune(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Any:
-    from .structured import prune_structurally  # imported late: the structured engine is heavy
+    from dnnshifter_lightning.shrink.structured import prune_structurally  # imported late: the structured engine is heavy
 
     return prune_structurally(model, example_inputs)
 
@@ -92,7 +94,7 @@ def batch_unpacker(input_key: str | None = None, target_key: str | None = None,
                    unpack_batch: Unpack | None = None) -> Unpack:
     """The one ``batch -> (inputs, targets)`` function the build uses for every batch it reads.
 
-    ``unpack_batch`` wins when given; otherwise :func:`~dnnshifter_lightning.profile.unpack_batch`
+    ``unpack_batch`` wins when given; otherwise :func:`~dnnshifter_lightning.shrink.measure.unpack_batch`
     with the named dict keys.
 
     Example::
@@ -306,7 +308,7 @@ def build_portfolio(
         >>> import io, tempfile, torch
         >>> from pathlib import Path
         >>> from rich.console import Console
-        >>> from dnnshifter_lightning.models import DigitsCNN
+        >>> from dnnshifter_lightning.demo.models import DigitsCNN
         >>> _ = torch.manual_seed(0)
         >>> ckpts = Path(tempfile.mkdtemp())
         >>> net = DigitsCNN(width=4).eval()
@@ -367,7 +369,7 @@ def build_portfolio(
         if stale not in keep:
             stale.unlink()
     if plot:
-        from .plot import plot_portfolio
+        from dnnshifter_lightning.shrink.plot import plot_portfolio
 
         plot_portfolio(manifest, out / "portfolio.png")
     console.print(portfolio_table(manifest, title=f"portfolio {out}"))
@@ -471,7 +473,7 @@ def portfolio_table(manifest: dict[str, Any], title: str = "portfolio") -> Table
         >>> from rich.console import Console
         >>> Console(width=200).print(table)  # doctest: +SKIP
     """
-    from .portfolio import pareto_front  # here, not at the top: keeps this change apart from the build's imports
+    from dnnshifter_lightning.portfolio import pareto_front  # here, not at the top: keeps this change apart from the build's imports
 
     front = set(pareto_front(manifest["variants"]))
     table = Table(title=title, caption=f"front (*): {len(front)} of {len(manifest['variants'])} variants "
@@ -507,7 +509,7 @@ class PortfolioBuilder(Callback):
     """Post-fit hook: at the end of ``fit``, on global rank 0 only, build the portfolio.
 
     It reads the level checkpoints from ``checkpoint_dir``, or else from the
-    :class:`~dnnshifter_lightning.imp.IterativeMagnitudePruning` callback in the same Trainer.
+    :class:`~dnnshifter_lightning.train.imp.IterativeMagnitudePruning` callback in the same Trainer.
     Everything follows Lightning's conventions:
 
     * validation data: whatever ``fit`` validates on (``trainer.fit(model, val_dataloaders=...)``,
@@ -556,7 +558,7 @@ class PortfolioBuilder(Callback):
         >>> import lightning as L
         >>> from pathlib import Path
         >>> from dnnshifter_lightning import IterativeMagnitudePruning
-        >>> from dnnshifter_lightning.digits import DigitsClassifier, DigitsDataModule
+        >>> from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
         >>> tmp = Path(tempfile.mkdtemp())
         >>> imp = IterativeMagnitudePruning(levels=1, epochs_per_level=1, checkpoint_dir=tmp / "imp", verbose=False)
         >>> builder = PortfolioBuilder(out_dir=tmp / "portfolio", latency_warmup=1, latency_repeats=2, plot=False)
@@ -665,14 +667,14 @@ def import_object(spec: str) -> Any:
 
     Example::
 
-        >>> import_object("dnnshifter_lightning.models:DigitsCNN")
-        <class 'dnnshifter_lightning.models.DigitsCNN'>
-        >>> import_object("dnnshifter_lightning.models:DigitsCNN.forward").__qualname__   # dotted attributes too
+        >>> import_object("dnnshifter_lightning.demo.models:DigitsCNN")
+        <class 'dnnshifter_lightning.demo.models.DigitsCNN'>
+        >>> import_object("dnnshifter_lightning.demo.models:DigitsCNN.forward").__qualname__   # dotted attributes too
         'DigitsCNN.forward'
-        >>> import_object("dnnshifter_lightning.models.DigitsCNN")
+        >>> import_object("dnnshifter_lightning.demo.models.DigitsCNN")
         Traceback (most recent call last):
             ...
-        ValueError: expected 'package.module:Class', got 'dnnshifter_lightning.models.DigitsCNN'
+        ValueError: expected 'package.module:Class', got 'dnnshifter_lightning.demo.models.DigitsCNN'
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -721,10 +723,10 @@ def portfolio_build_command(ckpt_dir: Path, model: str, out: Path, datamodule: s
 
         >>> import tempfile
         >>> from pathlib import Path
-        >>> portfolio_build_command(Path("imp_ckpts"), "dnnshifter_lightning.digits:DigitsClassifier",
-        ...                         Path("portfolio"), "dnnshifter_lightning.digits:DigitsDataModule")  # doctest: +SKIP
+        >>> portfolio_build_command(Path("imp_ckpts"), "dnnshifter_lightning.demo.digits:DigitsClassifier",
+        ...                         Path("portfolio"), "dnnshifter_lightning.demo.digits:DigitsDataModule")  # doctest: +SKIP
         >>> empty = Path(tempfile.mkdtemp())
-        >>> portfolio_build_command(empty, "dnnshifter_lightning.digits:DigitsClassifier", empty / "portfolio")
+        >>> portfolio_build_command(empty, "dnnshifter_lightning.demo.digits:DigitsClassifier", empty / "portfolio")
         Traceback (most recent call last):
             ...
         FileNotFoundError: ...: no level_*.ckpt files

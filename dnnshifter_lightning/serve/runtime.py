@@ -31,9 +31,9 @@ Example::
 
     >>> import tempfile, torch
     >>> from pathlib import Path
-    >>> from dnnshifter_lightning.models import DigitsCNN
+    >>> from dnnshifter_lightning.demo.models import DigitsCNN
     >>> from dnnshifter_lightning.portfolio import save_variant, write_manifest
-    >>> from dnnshifter_lightning.runtime import PortfolioRuntime
+    >>> from dnnshifter_lightning.serve.runtime import PortfolioRuntime
     >>> d = Path(tempfile.mkdtemp())
     >>> variants = []
     >>> for i, width in enumerate((16, 8)):
@@ -69,8 +69,9 @@ import torch
 import zstandard
 from torch import nn
 
-from .policy import profiles_from_manifest
-from .portfolio import INPUT_DTYPES, PortfolioError, load_variant, variant_state, verify_portfolio
+from dnnshifter_lightning.portfolio import (
+    INPUT_DTYPES, PortfolioError, load_variant, profiles_from_manifest, variant_state, verify_portfolio,
+)
 
 __all__ = ["PortfolioRuntime", "SwitchRecord", "SwitchError", "PinThrottled", "PortfolioError"]
 
@@ -320,7 +321,7 @@ class PortfolioRuntime:
         pin_inflate_interval_s: at most one inflate per this many seconds for pins to variants
             that are not inflated (see the module docstring); ``0`` removes the limit.
         variants: the served set: only these ids are loaded and held (default: every variant;
-            see :func:`~dnnshifter_lightning.served.resolve_served_set`). Others stay in the
+            see :func:`~dnnshifter_lightning.serve.served.resolve_served_set`). Others stay in the
             manifest; using one raises ``ValueError``.
         device: where inflated variants live and compute (``"cpu"``, the default, or e.g.
             ``"cuda:0"``). Compressed weights always stay in host memory; a switch inflates on the

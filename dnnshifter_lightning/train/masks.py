@@ -1,6 +1,6 @@
 """Global magnitude pruning and mask bookkeeping, in plain torch (no Lightning).
 
-The IMP callback (:mod:`dnnshifter_lightning.imp`) is a thin adapter over these functions:
+The IMP callback (:mod:`dnnshifter_lightning.train.imp`) is a thin adapter over these functions:
 
 * :func:`find_prunable` picks the weights to prune (by default every Conv1d/2d/3d and Linear weight).
 * :func:`prune_step` removes a fraction of the *surviving* weights by global magnitude, as OpenLTH's
@@ -16,7 +16,7 @@ Example::
 
     >>> import torch
     >>> from torch import nn
-    >>> from dnnshifter_lightning.masks import find_prunable, prune_step, sparsity
+    >>> from dnnshifter_lightning.train.masks import find_prunable, prune_step, sparsity
     >>> net = nn.Sequential(nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 2))
     >>> weights = find_prunable(net)
     >>> masks = prune_step(weights, {}, fraction=0.2)

@@ -1,9 +1,9 @@
 """What every server adapter shares: options, the served runtime and policy, and request parsing.
 
-The TorchServe handler (``serve_handlers/portfolio_handler.py``) and the LitServe API
-(:mod:`dnnshifter_lightning.litserve_api`) are thin glue over this module, so both take the same
+The TorchServe handler (:mod:`dnnshifter_lightning.serve.handler`) and the LitServe API
+(:mod:`dnnshifter_lightning.serve.litserve`) are thin glue over this module, so both take the same
 options with the same defaults and validation (``serving.DEFAULT_MODEL_CONFIG["handler"]``), serve
-the same set, build the same :class:`~dnnshifter_lightning.policy.LoadPolicy` and answer the same
+the same set, build the same :class:`~dnnshifter_lightning.serve.policy.LoadPolicy` and answer the same
 request the same way. Imports neither ``ts`` nor ``litserve``.
 
 A request is parsed to a tensor of the manifest's input shape, or to ``{"status": 4xx, "error":
@@ -31,12 +31,12 @@ from typing import Any, Mapping
 
 import torch
 
-from .images import ImageRejected, decode_image, install_bomb_guard
-from .policy import LoadPolicy, PolicyConfig, profiles_from_manifest
-from .portfolio import read_manifest
-from .runtime import PinThrottled, PortfolioRuntime, SwitchError
-from .served import ServedSet, resolve_served_set
-from .serving import default_model_config
+from dnnshifter_lightning.portfolio import profiles_from_manifest, read_manifest
+from dnnshifter_lightning.serve.images import ImageRejected, decode_image, install_bomb_guard
+from dnnshifter_lightning.serve.policy import LoadPolicy, PolicyConfig
+from dnnshifter_lightning.serve.runtime import PinThrottled, PortfolioRuntime, SwitchError
+from dnnshifter_lightning.serve.served import ServedSet, resolve_served_set
+from dnnshifter_lightning.serve.torchserve import default_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ class RequestParser:
     """Turns one request body into an input tensor or a :func:`bad` result; never raises.
 
     ``spec`` is the manifest's ``input_spec``; ``opts`` the handler options (``max_body_bytes``,
-    ``max_image_pixels``). Images (PNG/JPEG) are decoded through :mod:`dnnshifter_lightning.images`
+    ``max_image_pixels``). Images (PNG/JPEG) are decoded through :mod:`dnnshifter_lightning.serve.images`
     and normalised with the spec's mean/std; JSON ``{"data": ...}`` is taken as it is.
 
     >>> parser = RequestParser({"shape": [1, 2, 2]}, default_options())

@@ -1,4 +1,4 @@
-"""Channel surgery behind :func:`dnnshifter_lightning.structured.prune_structurally` (internal).
+"""Channel surgery behind :func:`dnnshifter_lightning.shrink.structured.prune_structurally` (internal).
 
 Torch-Pruning's ``DependencyGraph`` tells us which layers must agree on a channel (a *group*: residual
 adds, concatenation, BN, depthwise convs), with the index mapping between members. :func:`describe`
