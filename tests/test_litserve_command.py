@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -37,19 +38,32 @@ class _Cli:
         return self.log.read_text(errors="replace")
 
 
+def _readme_block() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    block = next(b for b in blocks if "dnnshifter litserve portfolio" in b)
+    return [line.split("   #")[0].strip() for line in block.strip().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def cli(portfolio, tmp_path_factory):
+    """The README's `dnnshifter litserve` line, as written plus a free --port, in a directory holding
+    `portfolio` and `my.yaml`, with HOME there (so the key lands in its ~/.cache/dnnshifter)."""
     work = tmp_path_factory.mktemp("litserve_cli")
     (work / "my.yaml").write_text(CONFIG)
+    (work / "portfolio").symlink_to(portfolio)
     port = free_port()
     log = work / "out.log"
-    env = dict(os.environ, DNNSHIFTER_HOME=str(work / "home"), COLUMNS="200",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = {k: v for k, v in os.environ.items() if k not in ("DNNSHIFTER_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME=str(work), COLUMNS="200",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = shlex.split(_readme_block()[0])
+    assert command[:3] == ["dnnshifter", "litserve", "portfolio"]
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dnnshifter_lightning.cli", "litserve", str(portfolio),
-                                 "--port", str(port), "--workers-per-device", "2", "--config", str(work / "my.yaml")],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen([*command, "--port", str(port)], cwd=work, stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
     server = _Cli(proc, port, log)
+    server.work, server.env = work, env
     try:
         deadline = time.monotonic() + 120
         while "Ctrl-C stops it" not in server.output():
@@ -61,6 +75,21 @@ def cli(portfolio, tmp_path_factory):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def test_readme_curl_commands_run_as_written(cli):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    Image.fromarray((load_digits().images[0] * 255 / 16).astype("uint8")).save(cli.work / "digit.png")
+    for line in _readme_block()[1:]:
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", line.replace(":8000/", f":{cli.port}/")],
+                              cwd=cli.work, env=cli.env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (line, proc.stderr)
+        if "/predict" in line:
+            assert json.loads(proc.stdout)["variant"], proc.stdout
+        else:
+            assert 'dnnshifter_active_variant_index{api="/predict",worker="0"}' in proc.stdout, proc.stdout
 
 
 def _key(cli: _Cli) -> str:

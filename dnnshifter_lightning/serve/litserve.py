@@ -12,7 +12,7 @@ Batching is LitServe's (``max_batch_size``, ``batch_timeout`` in seconds); auth 
 last output), the mean queue delay of its requests (arrival at the HTTP endpoint to decoding) and
 the arrival time of its first request, which TorchServe does not expose: with it, the time the
 worker spent between batches while a request was already waiting counts as busy, exactly, instead
-of being guessed from gaps and full batches (see docs/serving.md).
+of being guessed from gaps and full batches (see docs/policy.md).
 
 Each worker (``workers_per_device``) holds its own runtime and policy. ``setup(device)`` opens the
 runtime on LitServe's device for that worker: the active variant is inflated there, the compressed
