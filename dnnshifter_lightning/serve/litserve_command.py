@@ -176,7 +176,7 @@ def litserve_command(portfolio: Path, *, host: str = "127.0.0.1", port: int = 80
     litserve.server.LIT_SERVER_API_KEY = api_key or None
     metrics_dir = tempfile.mkdtemp(prefix="dnnshifter-litserve-metrics-")
     server = litserve.LitServer(api, accelerator=accelerator, workers_per_device=workers_per_device,
-                                track_requests=True, loggers=PortfolioMetricsLogger(metrics_dir, events_log=events_log,
+                                loggers=PortfolioMetricsLogger(metrics_dir, events_log=events_log,
                                                                                 quiet_ctrl_c=True),
                                 callbacks=[_LeaveCtrlCToTheServer()], timeout=60)
     shown = "127.0.0.1" if bind in ("127.0.0.1", "0.0.0.0") else "[::1]"

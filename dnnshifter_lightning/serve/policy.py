@@ -19,7 +19,9 @@ served it. Over sliding windows the policy derives:
   frontend and the clients take the CPU between batches, so those gaps grow past
   ``backlog_gap_ms`` exactly when the worker is saturated. With a longer batch delay the server
   itself waits to fill batches, and a full batch says nothing about a backlog. A saturated worker
-  reads about 1.0 even when the model is only part of the per-batch cost.
+  reads about 1.0 even when the model is only part of the per-batch cost. A server that reports
+  when each batch's first request arrived (LitServe, through ``observe(first_arrival=...)``) needs
+  none of this: the part of a gap in which that request was waiting is busy, the rest idle.
 * **batch fill**: mean batch size over the largest batch the server forms (``max_batch_size``).
   A batching server near its capacity forms full batches; one that keeps up forms small ones even
   when it is busy most of the time.
