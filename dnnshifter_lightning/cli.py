@@ -1,12 +1,14 @@
 """The ``dnnshifter`` command (typer). Each command is a thin wrapper over a library function.
 
-    dnnshifter demo --out DIR
+    dnnshifter demo --out DIR [--engine torchserve|litserve]
     dnnshifter portfolio build CKPT_DIR --model package.module:Class --out DIR [--datamodule package.module:Class]
                                     [--input-shape C,H,W] [--input-key K --target-key K]
     dnnshifter portfolio show DIR
     dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--variants front|all|ID,ID]
     dnnshifter serve STORE --model NAME [--no-auth] [--enable-model-api]
     dnnshifter serve --stop
+    dnnshifter litserve PORTFOLIO [--host 127.0.0.1] [--port 8000] [--workers-per-device N]
+                        [--api-key KEY | --no-auth] [--config my.yaml]
 """
 
 from __future__ import annotations
@@ -44,17 +46,21 @@ def demo(
     rewind_to: str = typer.Option(DEMO_DEFAULTS["rewind_to"], help="Rewind point: steps, 'Nit', 'Nep' or 0."),
     width: int = typer.Option(DEMO_DEFAULTS["width"], help="DigitsCNN width (channels of the first stage)."),
     seed: int = typer.Option(DEMO_DEFAULTS["seed"]),
-    serve: bool = typer.Option(True, "--serve/--no-serve", help="End by serving the portfolio with TorchServe."),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="End by serving the portfolio and switching it."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="torchserve or litserve (default: TorchServe "
+                                         "while Java 17 is present, else LitServe; the demo says why)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete OUT first if it exists."),
 ) -> None:
     """Train with IMP on real digits, build the portfolio, then serve and switch it with TorchServe
-    (on 127.0.0.1 with token auth off, which the demo says; `dnnshifter serve` keeps it on)."""
+    (on 127.0.0.1 with token auth off, which the demo says; `dnnshifter serve` keeps it on) or LitServe."""
     from dnnshifter_lightning.demo.run import run_demo
+    from dnnshifter_lightning.serve.torchserve import ServingError
 
     try:
         run_demo(out, levels=levels, prune_fraction=prune_fraction, epochs_per_level=epochs_per_level,
-                 rewind_to=rewind_to, width=width, seed=seed, serve=serve, fresh=fresh, console=console)
-    except (ValueError, FileExistsError) as exc:
+                 rewind_to=rewind_to, width=width, seed=seed, serve=serve, fresh=fresh, engine=engine,
+                 console=console)
+    except (ValueError, FileExistsError, ServingError) as exc:
         _fail(exc)
 
 
@@ -133,6 +139,32 @@ def serve(
         serve_command(store, model, inference_port=inference_port, management_port=management_port,
                       metrics_port=metrics_port, no_auth=no_auth, enable_model_api=enable_model_api)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+
+
+@app.command("litserve")
+def litserve_cmd(
+    portfolio: Path = typer.Argument(..., help="Portfolio directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="127.0.0.1 (loopback), or 0.0.0.0 / :: (every "
+                             "interface; needs --api-key)."),
+    port: int = typer.Option(8000, "--port"),
+    workers_per_device: int = typer.Option(1, "--workers-per-device", help="Inference workers per device; "
+                                           "each holds its own runtime and policy."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="The key clients send as X-API-Key "
+                                          "(default: a generated one, written to a 0600 file)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="No API key (127.0.0.1 only)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with the handler's options (policy, slo_ms, "
+                                          "fixed_variant, memory_budget_mb, min_accuracy, variants, ...)."),
+    events_log: Optional[Path] = typer.Option(None, "--events-log", help="Append each worker's setup and every "
+                                              "switch (time, from, to, reason, switch time) to this file as JSON lines."),
+) -> None:
+    """Serve a portfolio with LitServe (pure Python, no Java) until Ctrl-C: 127.0.0.1 and an API key by default."""
+    from dnnshifter_lightning.serve.litserve_command import litserve_command
+
+    try:
+        litserve_command(portfolio, host=host, port=port, workers_per_device=workers_per_device, api_key=api_key,
+                         no_auth=no_auth, config=config, events_log=events_log, console=console)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         _fail(exc)
 
 

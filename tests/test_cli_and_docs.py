@@ -47,7 +47,7 @@ def test_demo_refuses_bad_configuration_before_training(tmp_path):
 def test_help_lists_every_command():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("demo", "portfolio", "archive", "serve"):
+    for command in ("demo", "portfolio", "archive", "serve", "litserve"):
         assert command in result.output
 
 

@@ -21,8 +21,8 @@ MODULES = [
         "shrink.structured", "shrink.measure", "shrink.build", "shrink.plot",
         "portfolio", "graph", "loadgen",
         "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core", "serve.litserve",
-        "serve.torchserve",
-        "demo.run", "demo.digits", "demo.models",
+        "serve.torchserve", "serve.litserve_metrics", "serve.litserve_command",
+        "demo.run", "demo.serving", "demo.digits", "demo.models",
     )),
 ]
 

@@ -241,3 +241,14 @@ def test_burst_steps_down_and_light_load_climbs_back(server, local):
         if res and res[-1].variant == top:
             return
     raise AssertionError("the policy never climbed back to the most accurate variant")
+
+
+def test_setup_opens_the_runtime_on_the_workers_device(portfolio):
+    # LitServe calls setup(device) in each worker ("cuda:0" under accelerator="auto" on a GPU); "meta"
+    # stands in for a device this machine lacks: the active variant must be inflated there
+    from dnnshifter_lightning import PortfolioLitAPI
+
+    api = PortfolioLitAPI(portfolio, profile_batch_sizes=[1], torch_threads=None)  # leaves this process's threads
+    api.setup("meta")
+    active = api.runtime._variants[api.runtime.active_id].module
+    assert api.runtime.device.type == "meta" and {p.device.type for p in active.parameters()} == {"meta"}

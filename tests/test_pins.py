@@ -25,9 +25,9 @@ def counted(monkeypatch):
     calls: list[str] = []
     original = runtime_mod._Variant.inflate
 
-    def inflate(self, codec):
+    def inflate(self, codec, *args):
         calls.append(self.id)
-        return original(self, codec)
+        return original(self, codec, *args)
 
     monkeypatch.setattr(runtime_mod._Variant, "inflate", inflate)
     return calls

@@ -78,12 +78,14 @@ def _poisson_count(rng: random.Random, mean: float) -> int:
 
 def simulate(policy: LoadPolicy, clock: FakeClock, arrivals: list[float], *, max_batch: int = 8,
              overhead: float = 0.0005, slowdown=lambda t: 1.0, pinned=lambda i: None,
-             batch_delay: float = 0.0, report_delay: bool = True) -> SimResult:
+             batch_delay: float = 0.0, report_delay: bool = True, arrivals_known: bool = False) -> SimResult:
     """One worker: when free it takes up to ``max_batch`` queued requests, asks the policy, serves
     them (profile latency x slowdown), then reports the batch. ``pinned(i)`` may pin request i.
     With ``batch_delay`` (TorchServe's maxBatchDelay, seconds) a batch that is not full is held
     open that long for more requests, as TorchServe's aggregator does. With ``report_delay`` the
-    batch's mean queue delay is reported, as when clients stamp ``X-Request-Start``."""
+    batch's mean queue delay is reported, as when clients stamp ``X-Request-Start`` (and as
+    PortfolioLitAPI does). ``arrivals_known`` reports each batch's first arrival, as PortfolioLitAPI
+    does (LitServe tells it; TorchServe does not)."""
     result = SimResult()
     queue: deque[int] = deque()
     t, i, n = 0.0, 0, len(arrivals)
@@ -126,7 +128,8 @@ def simulate(policy: LoadPolicy, clock: FakeClock, arrivals: list[float], *, max
         clock.now = t
         delay = sum(start - arrivals[j] for j in batch) / len(batch) if report_delay else None
         policy.observe(len(batch), t - start, delay, variant_id=vid, pinned_requests=pinned_requests,
-                       pinned_seconds=pinned_seconds)
+                       pinned_seconds=pinned_seconds,
+                       first_arrival=min(arrivals[j] for j in batch) if arrivals_known else None)
     return result
 
 
@@ -251,6 +254,32 @@ def test_full_batches_after_idle_gaps_are_not_saturation():
     arrivals = [k * 0.05 + j * 1e-6 for k in range(400) for j in range(8)]
     result = simulate(policy, clock, arrivals)
     assert {v for _, v in result.timeline} == {"v0"} and policy.history == []
+
+
+def test_arrival_times_tell_synchronised_clients_from_a_backlog():
+    # 8 requests at once every 26 ms; v0 serves them in 16 ms and idles 10 ms: it keeps up (62% busy).
+    # The gap is above backlog_gap_ms but below the batch's service, after a full batch: without
+    # arrival times (TorchServe) that reads as a backlog and the policy steps down (the documented
+    # blind spot); with them (LitServe) the policy sees the worker idle and stays on v0. The queue
+    # delay is withheld here, so that occupancy decides (with it, the queue delay would).
+    trace = [k * 0.026 + j * 1e-6 for k in range(600) for j in range(8)]
+    policy, clock = make()
+    simulate(policy, clock, trace, overhead=0.0005, report_delay=False)
+    assert policy.history and "saturated" in policy.history[0][3]
+    policy, clock = make()
+    result = simulate(policy, clock, trace, overhead=0.0005, arrivals_known=True, report_delay=False)
+    assert {v for _, v in result.timeline} == {"v0"} and policy.history == [], policy.history
+    # ... and a real overload, full batches after long framework gaps, still steps down within 2 s
+    policy, clock = make()
+    result = simulate(policy, clock, poisson(lambda t: 20.0 if t < 5 else 1200.0, 12.0, seed=6), overhead=0.009,
+                      arrivals_known=True, report_delay=False)
+    first_down = result.first_time(5.0, lambda v: v != "v0")
+    assert first_down is not None and first_down - 5.0 <= 2.0, first_down
+    # ... and light load, where a batch that did not fill was held open by the server, stays put
+    policy, clock = make(max_batch_delay_ms=5.0)
+    result = simulate(policy, clock, poisson(lambda t: 100.0, 15.0, seed=3), batch_delay=0.005, arrivals_known=True,
+                      report_delay=False)
+    assert {v for _, v in result.timeline} == {"v0"} and policy.history == [], policy.history
 
 
 def test_full_batches_that_the_server_waited_to_fill_are_not_saturation():

@@ -304,3 +304,47 @@ def test_negative_zeros_are_stored_as_positive_zeros(portfolio, references, x):
     live = rt._variants["l1"].module
     assert not any(bool((torch.signbit(p) & (p == 0)).any()) for p in live.parameters())
     torch.testing.assert_close(rt(x), _ref(references, "l1", x), rtol=0, atol=0)
+
+
+def _weight_devices(rt: PortfolioRuntime, vid: str) -> set[str]:
+    module = rt._variants[vid].module
+    return {t.device.type for t in [*module.parameters(), *module.buffers()]}
+
+
+def test_device_option_puts_inflated_variants_there_and_keeps_compressed_ones_on_the_host(portfolio):
+    # "meta" stands in for an accelerator on a machine without one: every tensor that is inflated
+    # must land on the runtime's device (start, switch, pin), while the compressed weights stay bytes
+    rt = PortfolioRuntime(portfolio, profile_batch_sizes=None, device="meta", pin_inflate_interval_s=0)
+    assert _weight_devices(rt, "dense") == {"meta"} and rt._variants["dense"].buffer.device.type == "meta"
+    rt.switch_to("l2")
+    assert _weight_devices(rt, "l2") == {"meta"} and rt._variants["l2"].buffer.device.type == "meta"
+    with rt._hold("l3") as pinned:  # a pin inflates too
+        assert pinned.buffer.device.type == "meta"
+    assert all(isinstance(v.blob, bytes) for v in rt._variants.values())
+    assert PortfolioRuntime(portfolio, profile_batch_sizes=None).device == torch.device("cpu")  # the default
+
+
+def test_cpu_device_serves_exactly(portfolio, references, x):
+    rt = PortfolioRuntime(portfolio, profile_batch_sizes=None, device="cpu")
+    rt.switch_to("l1")
+    logits, vid = rt.infer(x)
+    assert vid == "l1" and logits.device == x.device and torch.equal(logits, _ref(references, "l1", x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_device_serves_the_same_answers(portfolio, references, x):
+    rt = PortfolioRuntime(portfolio, profile_batch_sizes=(1, 8), device="cuda")
+    for vid in ("dense", "l2", "l3"):
+        rt.switch_to(vid)
+        assert _weight_devices(rt, vid) == {"cuda"}
+        logits, served = rt.infer(x)
+        assert served == vid and logits.device == x.device
+        torch.testing.assert_close(logits, _ref(references, vid, x), rtol=1e-4, atol=1e-4)
+    assert set(rt.profiles) == set(rt.variant_ids)
+
+
+def test_cuda_device_is_refused_without_cuda(portfolio):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        PortfolioRuntime(portfolio, profile_batch_sizes=None, device="cuda")

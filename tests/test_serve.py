@@ -480,7 +480,9 @@ def _demo_serving(portfolio_dir: Path, workdir: Path, **kw) -> tuple[dict, str]:
     from rich.console import Console
 
     console = Console(record=True, width=200)
-    report = serving.run_demo_serving(portfolio_dir, workdir, console, **kw)
+    from dnnshifter_lightning.demo.serving import run_demo_serving
+
+    report = run_demo_serving(portfolio_dir, workdir, console, engine="torchserve", **kw)
     return report, console.export_text()
 
 

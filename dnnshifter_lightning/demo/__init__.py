@@ -1,4 +1,5 @@
-"""Demo: the embedded workloads (:mod:`.digits`, :mod:`.models`) and ``dnnshifter demo`` (:mod:`.run`).
+"""Demo: the embedded workloads (:mod:`.digits`, :mod:`.models`) ``dnnshifter demo`` (:mod:`.run`)
+and its serving step on TorchServe or LitServe (:mod:`.serving`).
 
 Submodules are imported on use; this package imports nothing itself.
 """

@@ -6,7 +6,8 @@
    structurally into a portfolio of dense variants, measures them and draws ``portfolio.png``;
    :func:`ladder_report` then checks that the front (validation accuracy against batch-8 latency) is
    a ladder worth switching along and prints what it found.
-3. Serve the portfolio with real TorchServe, drive a burst then light load, and print the switches.
+3. Serve the portfolio with real TorchServe or LitServe (``engine``), drive a burst then light load,
+   and print the switches.
 
 Example::
 
@@ -145,12 +146,15 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
              prune_fraction: float = DEMO_DEFAULTS["prune_fraction"],
              epochs_per_level: int = DEMO_DEFAULTS["epochs_per_level"], rewind_to: str | int = DEMO_DEFAULTS["rewind_to"],
              width: int = DEMO_DEFAULTS["width"], seed: int = DEMO_DEFAULTS["seed"], build: bool = True,
-             serve: bool = True, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
+             serve: bool = True, fresh: bool = False, engine: str | None = None,
+             console: Console | None = None) -> dict[str, Any]:
     """Run the demo into ``out`` and return a summary (also written to ``out/summary.json``).
 
     The defaults are :data:`DEMO_DEFAULTS`; ``build=False`` stops after training, ``serve=False``
     after the portfolio. It refuses to overwrite the level checkpoints of an earlier run unless
-    ``fresh`` (which deletes ``out`` first).
+    ``fresh`` (which deletes ``out`` first). ``engine`` serves with ``"torchserve"`` or
+    ``"litserve"``; by default TorchServe while Java 17 is present, else LitServe, and the demo says
+    why (:func:`~dnnshifter_lightning.demo.serving.choose_engine`, checked before training).
 
     Example::
 
@@ -176,6 +180,11 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
     ckpt_dir = out / "imp"
     if ckpt_dir.exists() and any(ckpt_dir.glob("level_*.ckpt")):
         raise FileExistsError(f"{ckpt_dir} already holds level checkpoints: pass --fresh or another --out")
+    engine_why = None
+    if build and serve:  # before training: an engine asked for that cannot run is an error now
+        from dnnshifter_lightning.demo.serving import choose_engine
+
+        engine, engine_why = choose_engine(engine)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"out": str(out)}
     started = time.perf_counter()
@@ -225,14 +234,16 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
                       "[yellow]this portfolio is not a ladder worth switching along (see NOT MET above)[/]")
 
     if build and serve:
-        console.rule("[bold]3. Serving the portfolio with TorchServe, switching as load changes")
-        from dnnshifter_lightning.serve.torchserve import JavaMissingError, run_demo_serving
+        name = {"torchserve": "TorchServe", "litserve": "LitServe"}[engine]
+        console.rule(f"[bold]3. Serving the portfolio with {name}, switching as load changes")
+        console.print(f"engine: {engine_why}", highlight=False)
+        from dnnshifter_lightning.demo.serving import run_demo_serving
 
-        try:  # a local demo on 127.0.0.1: token auth off, explicitly, and run_demo_serving prints that
-            summary["serving"] = run_demo_serving(out / "portfolio", out / "serve", console, no_auth=True)
-        except JavaMissingError as exc:
-            console.print(f"[yellow]Skipping the serving step: {exc}")
-            summary["serving"] = {"skipped": str(exc)}
+        # a local demo on 127.0.0.1: TorchServe's token auth off, explicitly, and run_demo_serving prints
+        # that; LitServe keeps its API key on (the demo reads it from its own work dir)
+        summary["serving"] = run_demo_serving(out / "portfolio", out / "serve", console, engine=engine,
+                                              no_auth=engine == "torchserve")
+        summary["serving"]["engine_why"] = engine_why
     summary["total_seconds"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"Done in {summary['total_seconds']:.0f} s. Summary: {out / 'summary.json'}")

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -50,6 +51,117 @@ def default_options(overrides: Mapping[str, Any] | None = None) -> dict:
     return default_model_config({"handler": dict(overrides or {})})["handler"]
 
 
+#: options a LitServe config file may set besides the handler's: LitServe's own batching
+LITSERVE_BATCHING = {"max_batch_size": 8, "batch_timeout": 0.005}
+
+
+def check_options(opts: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
+    """Refuse unknown option names and values of the wrong kind, naming what to change.
+
+    ``extra`` names further accepted keys (e.g. :data:`LITSERVE_BATCHING`). What needs the
+    portfolio (``variants``, ``fixed_variant``, ``min_accuracy``) is checked by
+    :func:`~dnnshifter_lightning.served.resolve_served_set`, the policy by :func:`policy_config`.
+
+    >>> check_options({"slo_ms": 50, "memory_budget_mb": 64})
+    >>> check_options({"slo": 50})
+    Traceback (most recent call last):
+        ...
+    ValueError: unknown option 'slo'; known options: batch_timeout, fixed_variant, ..., variants
+    >>> check_options({"memory_budget_mb": -1})
+    Traceback (most recent call last):
+        ...
+    ValueError: memory_budget_mb must be a number > 0 or null (no cache), got -1
+    """
+    known = set(default_options()) | set(extra if extra is not None else LITSERVE_BATCHING)
+    for key in opts:
+        if key not in known:
+            raise ValueError(f"unknown option {key!r}; known options: {', '.join(sorted(known))}")
+
+    def number(key: str, *, nullable: bool, integer: bool = False, minimum: float = 0.0, strict: bool = True,
+               what: str = "") -> None:
+        value = opts.get(key)
+        if value is None and nullable:
+            return
+        ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) \
+            and math.isfinite(value) and (value > minimum if strict else value >= minimum)
+        if not ok:
+            kind = "an integer" if integer else "a number"
+            raise ValueError(f"{key} must be {kind} {'>' if strict else '>='} {minimum:g}"
+                             f"{' or null' if nullable else ''}{what}, got {value!r}")
+
+    if "memory_budget_mb" in opts:
+        number("memory_budget_mb", nullable=True, what=" (no cache)")
+    if "min_accuracy" in opts and opts["min_accuracy"] is not None:
+        number("min_accuracy", nullable=True, strict=False)
+        if opts["min_accuracy"] > 1:
+            raise ValueError(f"min_accuracy is a fraction in [0, 1], got {opts['min_accuracy']!r}")
+    if "pin_inflate_interval_s" in opts:
+        number("pin_inflate_interval_s", nullable=False, strict=False)
+    for key in ("max_image_pixels", "max_body_bytes", "max_batch_size"):
+        if key in opts:
+            number(key, nullable=False, integer=True)
+    for key in ("batch_timeout", "log_signals_s"):
+        if key in opts:
+            number(key, nullable=False, strict=False)
+    if "profile_batch_sizes" in opts:
+        sizes = opts["profile_batch_sizes"]
+        if not isinstance(sizes, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool)
+                                                          and b >= 1 for b in sizes):
+            raise ValueError(f"profile_batch_sizes must be a list of batch sizes >= 1, got {sizes!r}")
+    threads = opts.get("torch_threads")
+    if threads is not None and threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int)
+                                                      or threads < 1):
+        raise ValueError(f"torch_threads must be 'auto', an integer >= 1 or null, got {threads!r}")
+    for key in ("fixed_variant", "pin_header", "portfolio_dir"):
+        if opts.get(key) is not None and not isinstance(opts[key], str):
+            raise ValueError(f"{key} must be a string{' or null' if key == 'fixed_variant' else ''}, "
+                             f"got {opts[key]!r}")
+    policy_config(default_options({k: v for k, v in opts.items() if k in default_options()}))
+
+
+def read_options_file(path: str | os.PathLike) -> dict:
+    r"""Options from a YAML file: the handler's keys (``policy``, ``slo_ms``, ``fixed_variant``,
+    ``memory_budget_mb``, ``min_accuracy``, ``variants``, ...) at the top level, or under ``handler:``
+    as in an archive's ``model-config.yaml``, plus LitServe's ``max_batch_size`` / ``batch_timeout``.
+    Checked with :func:`check_options`; errors name the file.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> cfg = Path(tempfile.mkdtemp()) / "my.yaml"
+    >>> _ = cfg.write_text("slo_ms: 40\npolicy:\n  high_utilisation: 0.9\n")
+    >>> read_options_file(cfg)
+    {'slo_ms': 40, 'policy': {'high_utilisation': 0.9}}
+    >>> _ = cfg.write_text("policy:\n  high_utilisaton: 0.9\n")
+    >>> read_options_file(cfg)
+    Traceback (most recent call last):
+        ...
+    ValueError: .../my.yaml: unknown policy option(s) ['high_utilisaton']; known options: [...]
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the options file: {exc}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must be a mapping of options (e.g. 'slo_ms: 50'), got {type(data).__name__}")
+    if "handler" in data:  # an archive's model-config.yaml: its handler section
+        torchserve_only = sorted(set(data) - {"handler"})
+        if torchserve_only:
+            logger.warning("%s: ignoring TorchServe settings %s (LitServe takes max_batch_size and batch_timeout "
+                           "under handler:)", path, torchserve_only)
+        data = data["handler"] or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: handler: must be a mapping of options")
+    try:
+        check_options(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return data
+
+
 def policy_config(opts: Mapping[str, Any]) -> PolicyConfig:
     """``opts["policy"]`` with the top-level ``slo_ms`` and ``fixed_variant`` merged in, validated."""
     merged = dict(opts.get("policy") or {})
@@ -59,8 +171,10 @@ def policy_config(opts: Mapping[str, Any]) -> PolicyConfig:
     return PolicyConfig.from_dict(merged)
 
 
-def open_runtime(root: str | os.PathLike, opts: Mapping[str, Any]) -> tuple[ServedSet, PortfolioRuntime]:
-    """Resolve the served set (the front above the accuracy floor by default) and open the runtime.
+def open_runtime(root: str | os.PathLike, opts: Mapping[str, Any],
+                 device: str = "cpu") -> tuple[ServedSet, PortfolioRuntime]:
+    """Resolve the served set (the front above the accuracy floor by default) and open the runtime
+    with its inflated variants on ``device``.
 
     Logs ``DNNSHIFTER_REFUSED`` and re-raises when the portfolio cannot be served."""
     root = str(root)
@@ -77,11 +191,20 @@ def open_runtime(root: str | os.PathLike, opts: Mapping[str, Any]) -> tuple[Serv
     try:  # checks every file's sha256 and loads every served variant once
         runtime = PortfolioRuntime(root, memory_budget_mb=opts["memory_budget_mb"], profile_batch_sizes=None,
                                    pin_inflate_interval_s=float(opts["pin_inflate_interval_s"]),
-                                   variants=list(served.ids))
+                                   variants=list(served.ids), device=device)
     except Exception as exc:
         logger.error("DNNSHIFTER_REFUSED portfolio %s cannot be served: %s", root, exc)
         raise
     return served, runtime
+
+
+def memory_report(runtime: PortfolioRuntime) -> dict:
+    """Weights held for the served set (compressed + active) against the same set all inflated."""
+    raw = [v.get("bytes_raw") for v in runtime.manifest["variants"]]
+    return {"served": len(runtime.variant_ids), "portfolio": len(runtime.portfolio_ids),
+            **{f"{k}_bytes": v for k, v in runtime.resident_breakdown().items()},
+            "served_all_inflated_bytes": runtime.all_inflated_bytes(),
+            "portfolio_file_bytes_raw": sum(b for b in raw if isinstance(b, int))}
 
 
 def set_torch_threads(opts: Mapping[str, Any]) -> None:

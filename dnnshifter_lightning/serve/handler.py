@@ -82,13 +82,7 @@ class PortfolioHandler(BaseHandler):
 
     def _log_memory(self) -> None:
         """Weights held for the served set (compressed + active) against the same set all inflated."""
-        rt = self.runtime
-        raw = {v["id"]: v.get("bytes_raw") for v in self.manifest["variants"]}
-        report = {"served": len(rt.variant_ids), "portfolio": len(rt.portfolio_ids),
-                  **{f"{k}_bytes": v for k, v in rt.resident_breakdown().items()},
-                  "served_all_inflated_bytes": rt.all_inflated_bytes(),
-                  "portfolio_file_bytes_raw": sum(b for b in raw.values() if isinstance(b, int))}
-        logger.info("DNNSHIFTER_MEMORY %s", json.dumps(report))
+        logger.info("DNNSHIFTER_MEMORY %s", json.dumps(core.memory_report(self.runtime)))
 
     # ------------------------------------------------------------------ batch steps
     def preprocess(self, data):

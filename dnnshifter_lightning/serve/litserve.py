@@ -9,8 +9,16 @@ handler's (``serving.DEFAULT_MODEL_CONFIG["handler"]``), with the same defaults 
 
 Batching is LitServe's (``max_batch_size``, ``batch_timeout`` in seconds); auth belongs to the
 ``LitServer``. The policy reads, per batch: its size, its service time (first request decoded to
-last output) and the mean queue delay of its requests (arrival at the HTTP endpoint to decoding,
-which TorchServe does not expose).
+last output), the mean queue delay of its requests (arrival at the HTTP endpoint to decoding) and
+the arrival time of its first request, which TorchServe does not expose: with it, the time the
+worker spent between batches while a request was already waiting counts as busy, exactly, instead
+of being guessed from gaps and full batches (see docs/policy.md).
+
+Each worker (``workers_per_device``) holds its own runtime and policy. ``setup(device)`` opens the
+runtime on LitServe's device for that worker: the active variant is inflated there, the compressed
+ones stay in host memory. With ``litserve.LitServer(..., loggers=PortfolioMetricsLogger())``
+(:mod:`dnnshifter_lightning.serve.litserve_metrics`) each worker reports its setup, switches and requests
+per variant, served as Prometheus metrics on ``/metrics``.
 
 Example::
 
@@ -22,6 +30,7 @@ Example::
 """
 
 # no ``from __future__ import annotations``: LitServe reads decode_request's annotation as an object
+import collections
 import logging
 import os
 import time
@@ -35,6 +44,7 @@ from dnnshifter_lightning.portfolio import read_manifest
 from dnnshifter_lightning.serve import core
 from dnnshifter_lightning.serve.served import resolve_served_set
 from dnnshifter_lightning.serve.torchserve import INITIAL_SWITCH_REASON
+from dnnshifter_lightning.serve.litserve_metrics import METRICS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +76,7 @@ class PortfolioLitAPI(ls.LitAPI):
                  api_path: str = "/predict", **options: Any):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=api_path)
         self.portfolio_dir = str(portfolio_dir)
+        core.check_options(options, extra={})  # batching is max_batch_size / batch_timeout above
         self.options = opts = core.default_options(options)
         core.policy_config(opts)  # ValueError now, not in a worker
         fixed = opts.get("fixed_variant") or (opts.get("policy") or {}).get("fixed_variant")
@@ -75,15 +86,30 @@ class PortfolioLitAPI(ls.LitAPI):
 
     def setup(self, device) -> None:
         opts = self.options
-        self.served, self.runtime = core.open_runtime(self.portfolio_dir, opts)
-        if str(device) not in ("cpu", "None"):
-            logger.warning("DNNSHIFTER_DEVICE %s requested; the runtime serves on the CPU", device)
+        self.device = "cpu" if device in (None, "None") else str(device)
+        self.served, self.runtime = core.open_runtime(self.portfolio_dir, opts, device=self.device)
         core.set_torch_threads(opts)
         self.parser = core.RequestParser(self.runtime.manifest["input_spec"], opts)
         self.policy = core.build_policy(self.runtime, opts, self.max_batch_size, self.batch_timeout * 1000.0)
         self.switch_count = 0
+        self.worker = os.environ.get("LITSERVE_WORKER_ID", "0")  # set by LitServe in each inference worker
         self._batch_start = None
-        core.switch(self.runtime, self.policy, self.policy.active_id, INITIAL_SWITCH_REASON)
+        self._switch(self.policy.active_id, INITIAL_SWITCH_REASON)
+        self._report(event="setup", pid=os.getpid(), device=self.device, variants=list(self.runtime.variant_ids),
+                     active=self.runtime.active_id, memory=core.memory_report(self.runtime),
+                     served=self.served.to_dict())
+
+    def _report(self, **event) -> None:
+        """One event for :class:`~dnnshifter_lightning.litserve_metrics.PortfolioMetricsLogger`, if the server has loggers."""
+        if self._logger_queue is not None:  # LitAPI.log warns on every call without a logger
+            self.log(METRICS_KEY, {"api": self.api_path, "worker": self.worker, **event})
+
+    def _switch(self, vid: str, reason: str):
+        record = core.switch(self.runtime, self.policy, vid, reason)
+        if record is not None:
+            self._report(event="switch", **{"from": record.from_id}, to=record.to_id, seconds=record.seconds,
+                         reason=reason, time=record.time)
+        return record
 
     def decode_request(self, request: RawRequest):
         if self._batch_start is None:
@@ -92,7 +118,9 @@ class PortfolioLitAPI(ls.LitAPI):
         pin = request.get("headers", {}).get(self.pin_header)
         if not isinstance(item, dict):
             item = core.pin_error(pin, self.runtime, self.options["pin_header"]) or item
-        return item, pin, max(0.0, time.monotonic() - request.get("arrival", time.monotonic()))
+        now = time.monotonic()  # the system-wide monotonic clock: comparable with the HTTP process's
+        arrival = min(now, request.get("arrival", now))
+        return item, pin, now - arrival, arrival
 
     def batch(self, inputs):
         return list(inputs)
@@ -103,14 +131,16 @@ class PortfolioLitAPI(ls.LitAPI):
         start = self._batch_start or time.perf_counter()
         decision = self.policy.choose()
         if decision.variant_id != self.runtime.active_id:
-            if core.switch(self.runtime, self.policy, decision.variant_id, decision.reason) is not None:
+            if self._switch(decision.variant_id, decision.reason) is not None:
                 self.switch_count += 1
-        results, pinned_n, pinned_s = core.infer_batch(self.runtime, [(item, pin) for item, pin, _ in x])
-        if any(not isinstance(r, dict) for r in results):
+        results, pinned_n, pinned_s = core.infer_batch(self.runtime, [(item, pin) for item, pin, _, _ in x])
+        served = collections.Counter(r[0] for r in results if not isinstance(r, dict))
+        if served:
             service = time.perf_counter() - start
-            delay = sum(d for _, _, d in x) / len(x)
+            delay = sum(d for _, _, d, _ in x) / len(x)
             self.policy.observe(len(x), service, delay, pinned_requests=pinned_n,
-                                pinned_seconds=min(pinned_s, service))
+                                pinned_seconds=min(pinned_s, service), first_arrival=min(a for *_, a in x))
+            self._report(event="batch", served=dict(served))
         self._batch_start = None
         return results
 

@@ -19,7 +19,9 @@ served it. Over sliding windows the policy derives:
   frontend and the clients take the CPU between batches, so those gaps grow past
   ``backlog_gap_ms`` exactly when the worker is saturated. With a longer batch delay the server
   itself waits to fill batches, and a full batch says nothing about a backlog. A saturated worker
-  reads about 1.0 even when the model is only part of the per-batch cost.
+  reads about 1.0 even when the model is only part of the per-batch cost. A server that reports
+  when each batch's first request arrived (LitServe, through ``observe(first_arrival=...)``) needs
+  none of this: the part of a gap in which that request was waiting is busy, the rest idle.
 * **batch fill**: mean batch size over the largest batch the server forms (``max_batch_size``).
   A batching server near its capacity forms full batches; one that keeps up forms small ones even
   when it is busy most of the time.
@@ -314,7 +316,8 @@ class LoadPolicy:
 
     # -- inputs ---------------------------------------------------------------------------------
     def observe(self, batch_size: int, service_seconds: float, queue_delay_seconds: float | None = None, *,
-                variant_id: str | None = None, pinned_requests: int = 0, pinned_seconds: float = 0.0) -> None:
+                variant_id: str | None = None, pinned_requests: int = 0, pinned_seconds: float = 0.0,
+                first_arrival: float | None = None) -> None:
         """Record one batch the server formed. Call it when the batch finishes (the clock is read now).
 
         ``service_seconds`` is the worker time for the whole batch (preprocess to postprocess);
@@ -322,6 +325,13 @@ class LoadPolicy:
         ``variant_id`` (default: the policy's active variant) served the requests that did not pin
         one. Of the batch, ``pinned_requests`` pinned a variant and took ``pinned_seconds`` to serve:
         they count as load, but not as evidence about the chosen variant.
+
+        ``first_arrival`` (on the policy's clock) is when the batch's earliest request reached the
+        server, if the server says (LitServe does, TorchServe does not). Then the part of the gap
+        since the previous batch during which that request was already waiting counts as busy, less
+        the ``max_batch_delay_ms`` the server held a batch that did not fill; the rest of the gap
+        was idle. Without it, gaps are judged by ``backlog_gap_ms`` and full batches (see the module
+        docstring), which cannot tell synchronised clients from a backlog.
         """
         if batch_size < 1 or not service_seconds >= 0 or not 0 <= pinned_requests <= batch_size \
                 or not 0 <= pinned_seconds <= service_seconds + 1e-9:
@@ -336,12 +346,19 @@ class LoadPolicy:
         self._largest_seen = max(self._largest_seen, int(batch_size))
         busy = service_seconds
         if self._last_end is not None:
-            gap = now - service_seconds - self._last_end
-            # a gap before such a full batch that is no longer than its own service is framework time
-            # under a backlog, not idle time
-            full = self._full_batches_mean_backlog and self.batch_limit > 1 and batch_size >= self.batch_limit
-            if 0 < gap and (gap < self.config.backlog_gap_ms / 1000.0 or (full and gap <= service_seconds)):
-                busy += gap
+            started = now - service_seconds
+            gap = started - self._last_end
+            if first_arrival is not None:  # the server says when work was waiting: no guessing
+                waited = started - max(self._last_end, first_arrival)
+                if batch_size < self.batch_limit and self.max_batch_delay_ms:
+                    waited -= self.max_batch_delay_ms / 1000.0  # the server held this batch open on purpose
+                busy += min(max(0.0, waited), max(0.0, gap))
+            else:
+                # a gap before such a full batch that is no longer than its own service is framework time
+                # under a backlog, not idle time
+                full = self._full_batches_mean_backlog and self.batch_limit > 1 and batch_size >= self.batch_limit
+                if 0 < gap and (gap < self.config.backlog_gap_ms / 1000.0 or (full and gap <= service_seconds)):
+                    busy += gap
         self._last_end = now
         self._batches.append(_Batch(now, int(batch_size), busy, own_size, own_service, queue_delay_seconds, vid))
         if own_size:

@@ -77,6 +77,7 @@ __all__ = ["PortfolioRuntime", "SwitchRecord", "SwitchError", "PinThrottled", "P
 
 logger = logging.getLogger(__name__)
 
+_CPU = torch.device("cpu")
 _ALIGN = 64  # byte alignment of every tensor in the flat buffer (dtype views need it; SIMD likes it)
 
 
@@ -276,11 +277,21 @@ class _Variant:
             else:
                 s.owner._buffers[s.attr] = tensor
 
-    def inflate(self, codec: _Codec) -> None:
+    def inflate(self, codec: _Codec, device: torch.device = _CPU) -> None:
+        """Inflate the weights on the host, then (for another device) copy them there in one transfer."""
         flat = torch.empty(max(self.nbytes, 1), dtype=torch.uint8)[:self.nbytes]
         codec.decompress_into(self.blob, self.frame_sizes, flat)
+        if device.type != "cpu":
+            flat = flat.to(device)
         self._assign(flat)
         self.buffer = flat
+
+    def to_device_(self, device: torch.device) -> None:
+        """Move live weights to ``device`` (the variant active at start, built on the host)."""
+        if self.buffer is not None and self.buffer.device != device:
+            flat = self.buffer.to(device)
+            self._assign(flat)
+            self.buffer = flat
 
     def release(self) -> None:
         for s in self.specs:
@@ -312,6 +323,10 @@ class PortfolioRuntime:
         variants: the served set: only these ids are loaded and held (default: every variant;
             see :func:`~dnnshifter_lightning.serve.served.resolve_served_set`). Others stay in the
             manifest; using one raises ``ValueError``.
+        device: where inflated variants live and compute (``"cpu"``, the default, or e.g.
+            ``"cuda:0"``). Compressed weights always stay in host memory; a switch inflates on the
+            host and copies the weights to the device in one transfer. :meth:`infer` moves each
+            batch to the device and returns the logits on the batch's own device.
 
     Thread-safe: requests may run concurrently with each other and with :meth:`switch_to`.
 
@@ -349,8 +364,12 @@ class PortfolioRuntime:
     def __init__(self, path: str | Path, *, memory_budget_mb: float | None = None, initial: str | None = None,
                  profile_batch_sizes: Sequence[int] | None = (1, 8), codec: str = "zstd",
                  compression_level: int | None = None, inflate_threads: int | None = None,
-                 pin_inflate_interval_s: float = 1.0, variants: Sequence[str] | None = None) -> None:
+                 pin_inflate_interval_s: float = 1.0, variants: Sequence[str] | None = None,
+                 device: str | torch.device = "cpu") -> None:
         self.path = Path(path)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here; use device='cpu'")
         if not pin_inflate_interval_s >= 0:  # also refuses NaN
             raise ValueError(f"pin_inflate_interval_s must be >= 0, got {pin_inflate_interval_s!r}")
         self.pin_inflate_interval_s = float(pin_inflate_interval_s)
@@ -384,6 +403,7 @@ class PortfolioRuntime:
         self._lock = threading.Lock()  # guards the active pointer, users, live state and the cache
         self._switch_lock = threading.RLock()  # one inflate at a time
         self._active = self._variants[initial or self.variant_ids[0]]
+        self._active.to_device_(self.device)
         self._cache: collections.OrderedDict[str, None] = collections.OrderedDict()  # inactive, inflated
         self._pin_lock = threading.Lock()  # one pin inflate at a time, and the pin budget
         self._pinned: str | None = None  # the pin slot: last variant inflated for a pin
@@ -421,7 +441,7 @@ class PortfolioRuntime:
             elif not held:
                 with self._switch_lock, variant.inflate_lock:
                     if not variant.live:
-                        variant.inflate(self._codec)
+                        variant.inflate(self._codec, self.device)
                     with self._lock:
                         variant.users += 1
                         kept = variant.id in self._cache or variant.id == self._pinned
@@ -451,7 +471,7 @@ class PortfolioRuntime:
             if wait_s > 0:
                 raise PinThrottled(variant.id, wait_s, self.pin_inflate_interval_s)
             self._last_pin_inflate = now
-            variant.inflate(self._codec)
+            variant.inflate(self._codec, self.device)
             self.pin_inflates += 1
             with self._lock:
                 variant.users += 1
@@ -486,7 +506,7 @@ class PortfolioRuntime:
         raises :class:`PinThrottled` and computes nothing.
         """
         with self._hold(variant_id) as variant, torch.inference_mode():
-            return variant.module(batch), variant.id
+            return variant.module(batch.to(self.device)).to(batch.device), variant.id
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits for ``batch`` from the active variant."""
@@ -521,7 +541,7 @@ class PortfolioRuntime:
                         target.release_pending = False
                 if not cached:
                     try:
-                        target.inflate(self._codec)
+                        target.inflate(self._codec, self.device)
                     except Exception as exc:  # noqa: BLE001 - any inflate failure keeps the old variant
                         seconds = time.perf_counter() - started
                         with contextlib.suppress(Exception):
@@ -610,7 +630,7 @@ class PortfolioRuntime:
         """A random batch shaped by the manifest's ``input_spec``."""
         spec = self.manifest["input_spec"]
         dtype = INPUT_DTYPES[spec.get("dtype", "float32")]
-        return torch.randn(batch_size, *spec["shape"]).to(dtype)
+        return torch.randn(batch_size, *spec["shape"]).to(device=self.device, dtype=dtype)
 
     def measure_profiles(self, batch_sizes: Sequence[int] = (1, 8), warmup: int = 3,
                          repeats: int = 10) -> dict[str, dict[int, float]]:
@@ -632,11 +652,16 @@ class PortfolioRuntime:
                     for _ in range(repeats):
                         t0 = time.perf_counter()
                         variant.module(x)
+                        self._sync()
                         times.append(time.perf_counter() - t0)
                     profiles[vid][int(b)] = statistics.median(times)
         self.profiles = profiles
         logger.info("measured latency profiles of %d variants in %.2fs", len(profiles), time.perf_counter() - started)
         return profiles
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":  # kernels run asynchronously: time them to completion
+            torch.cuda.synchronize(self.device)
 
     def __repr__(self) -> str:
         return (f"PortfolioRuntime({str(self.path)!r}, variants={self.variant_ids}, active={self.active_id!r}, "

@@ -1,0 +1,334 @@
+"""The serving step of ``dnnshifter demo``, on TorchServe or on LitServe: serve, load, report.
+
+Both engines serve the same portfolio with the same policy; only starting the server and reading
+its switches differ (:class:`_Engine`). The trace and the report are shared: the capacity of the
+most accurate served variant measured at start, light load, a burst sized from it, recovery, then
+the switches, memory, latency and effective accuracy per phase.
+
+Example::
+
+    >>> choose_engine("litserve")
+    ('litserve', 'LitServe, as asked (--engine litserve)')
+    >>> report = run_demo_serving("demo_out/portfolio", "demo_out/serve", engine="litserve")  # doctest: +SKIP
+    >>> sorted(report["phases"])  # doctest: +SKIP
+    ['burst', 'light', 'recovery']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from dnnshifter_lightning.loadgen import LoadResult, run_load, summarize
+from dnnshifter_lightning.serve.torchserve import (INITIAL_SWITCH_REASON, PIN_HEADER, JavaMissingError, ServingError, TorchServeServer,
+                      _console, _fmt, _http, _log_json, _mb, build_archive, check_java, default_model_config, free_port,
+                      read_switches)
+
+__all__ = ["run_demo_serving", "choose_engine", "ENGINES"]
+
+ENGINES = ("torchserve", "litserve")
+
+
+def choose_engine(requested: str | None = None) -> tuple[str, str]:
+    """The engine for the demo's serving step and why: TorchServe while Java 17 is present, else LitServe.
+
+    An engine asked for by name is checked now, before any training: TorchServe without Java
+    raises :class:`~dnnshifter_lightning.serving.JavaMissingError` (with how to install it).
+
+    >>> choose_engine("litserve")
+    ('litserve', 'LitServe, as asked (--engine litserve)')
+    >>> choose_engine("triton")
+    Traceback (most recent call last):
+        ...
+    ValueError: --engine triton: choose torchserve or litserve
+    >>> import os, tempfile
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"JAVA_HOME": tempfile.mkdtemp()}):   # no Java here
+    ...     engine, why = choose_engine()
+    >>> engine, why.split(":")[0]
+    ('litserve', 'LitServe (pure Python), because TorchServe needs Java 17 and JAVA_HOME=... has no bin/java')
+    """
+    if requested is not None and requested not in ENGINES:
+        raise ValueError(f"--engine {requested}: choose torchserve or litserve")
+    has_litserve = importlib.util.find_spec("litserve") is not None
+    if requested == "litserve":
+        if not has_litserve:
+            raise ValueError("--engine litserve: LitServe is not installed: pip install 'dnnshifter-lightning[litserve]'")
+        return "litserve", "LitServe, as asked (--engine litserve)"
+    try:
+        java = check_java()
+    except JavaMissingError as exc:
+        if requested == "torchserve":
+            raise
+        first = str(exc).splitlines()[0].rstrip(".")
+        if not has_litserve:
+            raise JavaMissingError(f"no engine for the serving step: TorchServe needs Java 17 ({first}) and LitServe "
+                                   "is not installed (pip install 'dnnshifter-lightning[litserve]'), or pass --no-serve") from exc
+        return "litserve", (f"LitServe (pure Python), because TorchServe needs Java 17 and {first}: "
+                            "install Java 17 or pass --engine litserve to choose it yourself")
+    if requested == "torchserve":
+        return "torchserve", f"TorchServe, as asked (--engine torchserve; Java at {java})"
+    return "torchserve", (f"TorchServe, because Java 17 is present ({java}); pass --engine litserve for "
+                          "LitServe (maintained, pure Python)")
+
+
+@dataclass
+class _Engine:
+    """A started server, as the shared trace and report need it."""
+
+    port: int
+    path: str
+    headers: dict[str, str]
+    memory: Callable[[], dict[str, Any]]  #: the weights held, as the server reported them at start
+    switches: Callable[[], list[dict[str, Any]]]  #: every switch so far: time, from, to, reason, switch_ms
+    switch_source: str  #: who saw the switches, for the table's title
+    config_name: str  #: where a fixed variant comes from, for the no-switch message
+    fixed_key: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _torchserve(portfolio_dir: Path, workdir: Path, console: Any, model_name: str, no_auth: bool,
+                config: Mapping[str, Any] | None) -> Iterator[_Engine]:
+    mar = build_archive(Path(portfolio_dir), model_name, workdir / "store", config=config, force=True)
+    console.print(f"[bold]serving {mar.name} with TorchServe[/] (127.0.0.1)")
+    if no_auth:
+        console.print("[yellow]token auth is OFF for this demo[/] (127.0.0.1 only; `dnnshifter serve` keeps it on)")
+    with TorchServeServer(mar.parent, {model_name: mar.name}, no_auth=no_auth, workdir=workdir / "torchserve") as ts:
+        path = f"/predictions/{model_name}"
+        yield _Engine(ts.ports.inference, path, ts.inference_headers(),
+                      lambda: (_log_json(ts, "DNNSHIFTER_MEMORY") or [{}])[-1], lambda: read_switches(ts),
+                      "handler", "the archive's config", "handler.fixed_variant", {"archive": str(mar)})
+
+
+def _events(log: Path) -> list[dict[str, Any]]:
+    out = []
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def _litserve_switches(log: Path) -> list[dict[str, Any]]:
+    return [{"time": e["time"], "from": e["from"], "to": e["to"], "reason": e["reason"],
+             "switch_ms": round(1000.0 * e["seconds"], 3)} for e in _events(log) if e.get("event") == "switch"]
+
+
+@contextlib.contextmanager
+def _litserve(portfolio_dir: Path, workdir: Path, console: Any, no_auth: bool,
+              config: Mapping[str, Any] | None, start_timeout_s: float = 180.0) -> Iterator[_Engine]:
+    """``dnnshifter litserve`` in a subprocess (its own process group, always stopped), API key on
+    unless ``no_auth``; the key and its logs stay in ``workdir``."""
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    options = dict((config or {}).get("handler") or {})
+    options.pop("portfolio_dir", None)  # a path inside a .mar, not an option of a directory served as it is
+    cfg, events, log_path = workdir / "litserve.yaml", workdir / "litserve_events.jsonl", workdir / "litserve.log"
+    cfg.write_text(yaml.safe_dump(options))
+    events.unlink(missing_ok=True)
+    port = free_port()
+    home = workdir / "home"
+    args = [sys.executable, "-m", "dnnshifter_lightning.cli", "litserve", str(portfolio_dir), "--port", str(port),
+            "--config", str(cfg), "--events-log", str(events), *(["--no-auth"] if no_auth else [])]
+    console.print(f"[bold]serving {portfolio_dir} with LitServe[/] (127.0.0.1:{port}, one worker)")
+    if no_auth:
+        console.print("[yellow]API key is OFF for this demo[/] (127.0.0.1 only; `dnnshifter litserve` keeps it on)")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, DNNSHIFTER_HOME=str(home), COLUMNS="200"))
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while "Ctrl-C stops it" not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ServingError(f"LitServe did not become healthy (see {log_path}):\n"
+                                   + log_path.read_text(errors="replace")[-3000:])
+            time.sleep(0.2)
+        headers = {} if no_auth else {"X-API-Key": (home / "litserve" / "api_key").read_text()}
+
+        def memory() -> dict[str, Any]:
+            setups = [e for e in _events(events) if e.get("event") == "setup"]
+            return setups[-1].get("memory", {}) if setups else {}
+
+        yield _Engine(port, "/predict", headers, memory, lambda: _litserve_switches(events),
+                      "LitServe worker", "the config", "fixed_variant", {"log": str(log_path)})
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C: LitServe stops its workers
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *, engine: str = "torchserve",
+                     model_name: str = "digits", burst_s: float = 6.0, idle_s: float = 20.0, light_factor: float = 0.3,
+                     burst_factor: float = 2.5, capacity_s: float = 2.0, no_auth: bool = False,
+                     config: Mapping[str, Any] | None = None, deadline_ms: float = 100.0) -> dict[str, Any]:
+    """The serving part of ``dnnshifter demo``: serve with real TorchServe or LitServe, load it, report.
+
+    ``engine="torchserve"`` archives the portfolio and starts TorchServe; ``"litserve"`` starts
+    ``dnnshifter litserve`` (the ``handler:`` options of ``config`` go to its ``--config``, its
+    switches come from its ``--events-log``). The held-out digits go to 127.0.0.1 as JSON
+    requests. First the closed-loop capacity ``C`` of the most accurate served variant is measured
+    (16 clients pinned to it for ``capacity_s``), then an open-loop trace sized from it: ``light``
+    (``light_factor`` x C for 3 s), ``burst`` (``burst_factor`` x C for ``burst_s``), ``recovery``
+    (``light_factor`` x C until the most accurate variant serves again, at least 5 s and at most
+    ``idle_s``). Prints the served set and its memory, every switch (down under the burst, back up
+    after: from, to, when, why), latency, accuracy and effective accuracy (correct within
+    ``deadline_ms`` of when due, over offered) per phase, and the run's effective accuracy. Auth
+    (TorchServe's token, LitServe's API key) stays on unless ``no_auth`` (``dnnshifter demo`` turns
+    TorchServe's off, on loopback, and says so). Returns them as a dict (``{"skipped": why}`` for
+    TorchServe without Java). ``config`` overrides the archive's model-config (e.g. ``{"handler":
+    {"policy": {...}}}``). About 30-60 s including the server's start.
+
+    >>> report = run_demo_serving(Path("demo_out/portfolio"), Path("demo_out/serve"), engine="litserve")  # doctest: +SKIP
+    >>> [(s["from"], s["to"], s["direction"]) for s in report["switches"]]  # doctest: +SKIP
+    [('level_00', 'level_01', 'down'), ('level_01', 'level_00', 'up')]
+    >>> run_demo_serving(Path("demo_out/portfolio"), Path("demo_out/serve"), engine="triton")
+    Traceback (most recent call last):
+        ...
+    ValueError: engine 'triton': choose torchserve or litserve
+    """
+    from rich.table import Table
+
+    from dnnshifter_lightning.demo.digits import DigitsDataModule
+    from dnnshifter_lightning.loadgen import effective_accuracy, run_schedule
+    from dnnshifter_lightning.portfolio import read_manifest
+    from dnnshifter_lightning.serve.served import resolve_served_set
+
+    console = _console(console)
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: choose torchserve or litserve")
+    if engine == "torchserve":
+        try:
+            check_java()
+        except JavaMissingError as exc:
+            console.print(f"[yellow]skipping the TorchServe part of the demo:[/] {exc}")
+            return {"skipped": str(exc)}
+    workdir = Path(workdir)
+    handler_opts = default_model_config(config)["handler"]
+    fixed = handler_opts.get("fixed_variant") or (handler_opts.get("policy") or {}).get("fixed_variant")
+    manifest = read_manifest(portfolio_dir)
+    served = resolve_served_set(manifest["variants"], handler_opts.get("variants"), handler_opts.get("min_accuracy"),
+                                fixed)  # as the server resolves it
+    front = list(served.ids)
+    top = fixed or front[0]  # where light load must end: the most accurate served variant
+    dm = DigitsDataModule()
+    dm.setup()
+    xs, ys = zip(*[(x, y) for x, y in dm.val_dataloader()])
+    import torch
+
+    from dnnshifter_lightning.serve.torchserve import json_bodies
+
+    x, y = torch.cat(xs), torch.cat(ys)
+    bodies, labels = json_bodies(x), [int(v) for v in y]
+    deadline_s = deadline_ms / 1000.0
+    results: dict[str, list[LoadResult]] = {}
+    console.print(f"{len(bodies)} held-out digits as requests")
+    start_engine = (_torchserve(Path(portfolio_dir), workdir, console, model_name, no_auth, config)
+                    if engine == "torchserve" else _litserve(Path(portfolio_dir), workdir, console, no_auth, config))
+    with start_engine as eng:
+        hdrs, port, path = eng.headers, eng.port, eng.path
+        _http("POST", port, path, bodies[0], hdrs)  # warm-up: the first request pays one-off costs
+        with console.status(f"measuring the capacity of {top}: 16 clients for {capacity_s:g} s"):
+            probe = run_load(port, path, bodies, concurrency=16, duration_s=capacity_s, max_requests=200_000,
+                             headers={**hdrs, PIN_HEADER: top}, phase="capacity")
+            capacity = summarize(probe, span_s=capacity_s)["throughput_rps"] or 1.0
+        light_rate, burst_rate = max(1.0, light_factor * capacity), burst_factor * capacity
+        with console.status("settling: light load until the most accurate variant serves"):
+            settle_end = time.monotonic() + 15.0
+            while time.monotonic() < settle_end:
+                chunk = run_schedule(port, path, bodies, [(light_rate, 1.0, "settle")], headers=hdrs)
+                if chunk and chunk[-1].variant == top:
+                    break
+        wall0, mono0 = time.time(), time.monotonic()
+        with console.status(f"light: {light_rate:.0f} req/s for 3 s"):
+            results["light"] = run_schedule(port, path, bodies, [(light_rate, 3.0, "light")], headers=hdrs)
+        with console.status(f"burst: {burst_rate:.0f} req/s ({burst_factor:g}x capacity) for {burst_s:g} s"):
+            results["burst"] = run_schedule(port, path, bodies, [(burst_rate, burst_s, "burst")], headers=hdrs,
+                                            start_index=len(results["light"]))
+        results["recovery"] = []
+        with console.status(f"recovery: {light_rate:.0f} req/s until the most accurate variant serves again"):
+            start = time.monotonic()
+            while time.monotonic() - start < idle_s:
+                chunk = run_schedule(port, path, bodies, [(light_rate, 1.0, "recovery")], headers=hdrs,
+                                     start_index=len(results["recovery"]))
+                results["recovery"] += chunk
+                if time.monotonic() - start >= 5.0 and chunk and chunk[-1].variant == top:
+                    break
+        switches = [dict(s, at_s=round(s["time"] - wall0, 3)) for s in eng.switches()
+                    if s["time"] >= wall0 - 0.5 and s["reason"] != INITIAL_SWITCH_REASON]  # load-driven ones only
+        memory = eng.memory()
+    phases = {name: summarize(res, labels, deadline_s=deadline_s) for name, res in results.items()}
+    for name, res in results.items():
+        if res:
+            phases[name]["start_s"] = round(res[0].scheduled - mono0, 3)
+    everything = [r for res in results.values() for r in res]
+    run_ea = effective_accuracy(everything, labels, deadline_s)
+    order = front if front else [top]
+
+    def direction(s: dict) -> str:
+        if s["from"] in order and s["to"] in order:
+            return "down" if order.index(s["to"]) > order.index(s["from"]) else "up"
+        return "?"
+
+    for s in switches:
+        s["direction"] = direction(s)
+    console.print(f"served set ({served.selection}): {', '.join(front)}"
+                  + (f"; dominated, not loaded: {', '.join(served.dominated)}" if served.dominated else "")
+                  + (f"; below the accuracy floor {served.floor:.1%}: {', '.join(served.below_floor)}"
+                     if served.below_floor else "")
+                  + (f" (accuracy floor {served.floor:.1%}, {served.floor_rule})" if served.floor is not None else ""))
+    for warning in served.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if memory:
+        console.print(f"memory for model weights: {_mb(memory.get('total_bytes'))} resident for the {len(front)} "
+                      f"served variants (all compressed + the active one inflated) against "
+                      f"{_mb(memory.get('served_all_inflated_bytes'))} with all of them inflated")
+    console.print(f"capacity of {top}: {capacity:.0f} req/s (closed loop, 16 clients); light load "
+                  f"{light_rate:.0f} req/s, burst {burst_rate:.0f} req/s")
+    table = Table(title=f"variant switches seen by the {eng.switch_source}")
+    for col in ("at (s)", "", "from", "to", "why", "switch (ms)"):
+        table.add_column(col)
+    for s in switches:
+        table.add_row(f"{s['at_s']:.2f}", s["direction"], s["from"], s["to"], s["reason"], f"{s['switch_ms']:.2f}")
+    if switches:
+        console.print(table)
+    elif fixed:
+        console.print(f"[yellow]no switch: {eng.config_name} fixes the variant to {fixed} ({eng.fixed_key})[/]")
+    elif len(front) == 1:
+        console.print(f"[yellow]no switch: {front[0]} is the only served variant (the accuracy/latency front above "
+                      f"the accuracy floor has one variant: it is both the most accurate and the cheapest), so the "
+                      f"policy has nothing to switch to[/]")
+    else:
+        console.print(f"[yellow]no switch happened: the burst did not saturate the worker on {top}[/]")
+    table = Table(title=f"serving per phase (latency from when each request was due; deadline {deadline_ms:g} ms)")
+    for col in ("phase", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "req/s", "accuracy", "effective acc.",
+                "served by"):
+        table.add_column(col, justify="right" if col not in ("phase", "served by") else "left")
+    for name, p in phases.items():
+        mix = ", ".join(f"{k}: {v}" for k, v in sorted(p["variants"].items()))
+        table.add_row(name, str(p["requests"]), str(p["errors"]), _fmt(p["p50_ms"]), _fmt(p["p90_ms"]),
+                      _fmt(p["p99_ms"]), _fmt(p["throughput_rps"]),
+                      "-" if p["accuracy"] is None else f"{p['accuracy']:.1%}",
+                      "-" if p["effective_accuracy"] is None else f"{p['effective_accuracy']:.1%}", mix)
+    console.print(table)
+    if run_ea is not None:
+        console.print(f"effective accuracy of the run: {run_ea:.1%} of {len(everything)} requests answered correctly "
+                      f"within {deadline_ms:g} ms of when they were due")
+    return {"engine": engine, "model": model_name, **eng.extra, "phases": phases, "switches": switches,
+            "most_accurate": top, "front": front, "served": served.to_dict(), "memory": memory,
+            "capacity_rps": capacity, "light_rate": light_rate, "burst_rate": burst_rate,
+            "effective_accuracy": run_ea, "deadline_ms": deadline_ms}
