@@ -20,10 +20,10 @@ MODULES = [
         "train.masks", "train.imp", "train.checkpoints",
         "shrink.structured", "shrink.measure", "shrink.build", "shrink.plot",
         "portfolio", "graph", "loadgen",
-        "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core", "serve.litserve",
-        "serve.torchserve",
+        "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core", "serve.defaults",
+        "serve.litserve", "serve.torchserve",
         "demo.run", "demo.digits", "demo.models",
-    )),
+    )),  # demo.serving is not here: its one function runs a real TorchServe (tests/test_serve.py runs it)
 ]
 
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from dnnshifter_lightning.serve.runtime import PortfolioRuntime
-from dnnshifter_lightning.serve.torchserve import PIN_HEADER, _http, free_port
+from dnnshifter_lightning.serve.defaults import PIN_HEADER
+from dnnshifter_lightning.serve.torchserve import _http, free_port
 
 from serve_fixtures import digits_samples, json_body, png_body, small_image
 

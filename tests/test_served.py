@@ -19,7 +19,8 @@ from dnnshifter_lightning.serve.policy import LoadPolicy
 from dnnshifter_lightning.portfolio import write_manifest
 from dnnshifter_lightning.serve.runtime import PortfolioRuntime
 from dnnshifter_lightning.serve.served import resolve_served_set
-from dnnshifter_lightning.serve.torchserve import PIN_HEADER, ServingError, build_archive
+from dnnshifter_lightning.serve.defaults import PIN_HEADER
+from dnnshifter_lightning.serve.torchserve import ServingError, build_archive
 from serve_fixtures import build_test_portfolio, digits_samples, json_body
 from test_policy import PROFILES, FakeClock, poisson, simulate
 

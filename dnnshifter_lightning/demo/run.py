@@ -226,7 +226,8 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
 
     if build and serve:
         console.rule("[bold]3. Serving the portfolio with TorchServe, switching as load changes")
-        from dnnshifter_lightning.serve.torchserve import JavaMissingError, run_demo_serving
+        from dnnshifter_lightning.demo.serving import run_demo_serving
+        from dnnshifter_lightning.serve.torchserve import JavaMissingError
 
         try:  # a local demo on 127.0.0.1: token auth off, explicitly, and run_demo_serving prints that
             summary["serving"] = run_demo_serving(out / "portfolio", out / "serve", console, no_auth=True)
