@@ -66,7 +66,8 @@ def test_default_served_set_is_the_front_and_dominated_variants_are_not_resident
     assert handler.runtime.variant_ids == ["level_00", "level_02"]
     assert handler.policy.variant_ids == ["level_00", "level_02"]
     assert handler.runtime.portfolio_ids == ["level_00", "level_02", "level_01"]
-    assert set(handler.runtime._variants) == {"level_00", "level_02"}  # level_01 was never loaded
+    with pytest.raises(ValueError, match="not served"):  # level_01 was never loaded
+        handler.runtime.variant_memory("level_01")
     served = json.loads(caplog.text.split("DNNSHIFTER_SERVED ", 1)[1].splitlines()[0])
     assert served["dominated"] == ["level_01"] and served["floor"] == pytest.approx(0.9 * 0.97)
     memory = json.loads(caplog.text.split("DNNSHIFTER_MEMORY ", 1)[1].splitlines()[0])
