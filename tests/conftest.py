@@ -1,7 +1,8 @@
 import sys
 from pathlib import Path
 
-# Test helper modules (imp_helpers, ...) live next to the tests.
+# Test helper modules (imp_helpers, serve_fixtures, java_rule, ...) live here; the tests, in subfolders
+# that mirror the package (train/, shrink/, serve/, demo/), import them by name.
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -17,3 +18,4 @@ def portfolio(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("portfolio")
     build_test_portfolio(path, accuracies=LADDER_ACCURACIES)
     return path
+

@@ -31,7 +31,7 @@ from serve_fixtures import digits_samples, json_body, png_body, small_image
 pytest.importorskip("litserve")
 pytestmark = pytest.mark.litserve
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SERVER = textwrap.dedent("""
     import sys
