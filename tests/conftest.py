@@ -1,3 +1,4 @@
+import functools
 import sys
 from pathlib import Path
 
@@ -19,3 +20,18 @@ def portfolio(tmp_path_factory) -> Path:
     build_test_portfolio(path, accuracies=LADDER_ACCURACIES)
     return path
 
+
+@functools.lru_cache(maxsize=None)
+def _java_rule() -> tuple[str, str] | None:
+    from java_rule import java_rule
+
+    return java_rule()
+
+
+def pytest_runtest_setup(item):
+    """Tests that start a real TorchServe (marked ``serve``): skipped without Java, failed under CI=true."""
+    if item.get_closest_marker("serve") is not None:
+        rule = _java_rule()
+        if rule is not None:
+            action, why = rule
+            (pytest.fail if action == "fail" else pytest.skip)(why)
