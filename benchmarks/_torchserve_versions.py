@@ -46,7 +46,8 @@ def _worker_rss_bytes(java_pid: int | None) -> int:
 
 def _archive(variant: dict[str, Any], portfolio: Path, manifest: dict[str, Any], version: str, store: Path,
              work: Path) -> str:
-    from dnnshifter_lightning.serve.torchserve import HANDLER_FILE, _venv_tool, default_model_config
+    from dnnshifter_lightning.serve.defaults import default_model_config
+    from dnnshifter_lightning.serve.torchserve import HANDLER_FILE, _venv_tool
     import yaml
 
     stage = work / f"stage_{version}"

@@ -149,7 +149,7 @@ def main() -> None:
             summary[key + "_ratio_new_over_old"] = med["new"] / med["old"]
         summary["switch_by_target_ms"] = {
             vid: {f: statistics.median(per_target[f][vid]) * 1e3 for f in dirs} for vid in ids}
-        summary["switch_by_target_bytes"] = {vid: runtimes["new"]._variants[vid].nbytes for vid in ids}
+        summary["switch_by_target_bytes"] = {vid: runtimes["new"].variant_memory(vid).inflated_bytes for vid in ids}
         results["portfolios"][name] = summary
         print(name, json.dumps(summary, indent=1), file=sys.stderr)
     rows = []

@@ -49,10 +49,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, machine_line, markdown_table, median, update_readme, write_json  # noqa: E402
 
-from dnnshifter_lightning.loadgen import per_second, run_schedule  # noqa: E402
+from dnnshifter_lightning.loadgen import per_second, run_load, run_schedule, summarize  # noqa: E402
 from dnnshifter_lightning.serve.served import resolve_served_set  # noqa: E402
 from dnnshifter_lightning.serve.torchserve import (  # noqa: E402
-    TorchServeServer, build_archive, check_java, read_switches, run_load, summarize,
+    TorchServeServer, build_archive, check_java, read_switches,
 )
 
 NAME = "bench_serving"

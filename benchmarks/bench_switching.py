@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     medians = {c: {v: statistics.median(t) for v, t in per.items()} for c, per in times.items()}
     per_variant = []
     for v in ids:
-        row = {"variant": v, "raw_bytes": resident.bytes[v], "compressed_bytes": len(ours._variants[v].blob),
+        row = {"variant": v, "raw_bytes": resident.bytes[v], "compressed_bytes": ours.variant_memory(v).compressed_bytes,
                "switch_ms": {c: 1e3 * medians[c][v] for c in contenders},
                "resident_bytes": {c: memory[c][v] for c in contenders}}
         if "per_variant_s" in torchserve:

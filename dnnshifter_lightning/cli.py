@@ -1,4 +1,4 @@
-"""The ``dnnshifter`` command (typer). Each command is a thin wrapper over a library function.
+"""The ``dnnshifter`` command (typer): every command, and the console output of the TorchServe ones.
 
     dnnshifter demo --out DIR [--engine torchserve|litserve]
     dnnshifter portfolio build CKPT_DIR --model package.module:Class --out DIR [--datamodule package.module:Class]
@@ -13,8 +13,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -95,6 +98,147 @@ def portfolio_show(directory: Path = typer.Argument(..., help="Portfolio directo
         _fail(exc)
 
 
+# -------------------------------------------------------------------------------- TorchServe commands
+# Plain functions behind `dnnshifter archive` and `dnnshifter serve [--stop]`, with the console passed in
+# (tests record it). On failure each prints the error and raises SystemExit(1).
+
+_STDOUT = console
+
+
+def state_dir() -> Path:
+    """Where ``dnnshifter serve`` keeps its server's working dir and state: ``$DNNSHIFTER_HOME`` or
+    ``$XDG_CACHE_HOME/dnnshifter`` (default ``~/.cache/dnnshifter``)."""
+    if os.environ.get("DNNSHIFTER_HOME"):
+        return Path(os.environ["DNNSHIFTER_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dnnshifter"
+
+
+def _exit(out: Console, exc: Exception) -> SystemExit:
+    out.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return SystemExit(1)
+
+
+def archive_command(portfolio: Path, model_name: str, export_path: Path, config: Path | None = None,
+                    force: bool = False, console: Console | None = None, variants: str | None = None) -> Path:
+    """``dnnshifter archive``: build ``STORE/NAME.mar``, print where it went and how to serve it."""
+    from dnnshifter_lightning.serve.torchserve import ServingError, build_archive
+
+    out = console if console is not None else _STDOUT
+    try:
+        mar = build_archive(portfolio, model_name, export_path, config, force, variants=variants)
+    except (ServingError, OSError, ValueError) as exc:
+        raise _exit(out, exc) from exc
+    out.print(f"wrote [bold]{mar}[/] ({mar.stat().st_size / 1e6:.1f} MB)\n"
+              f"serve it:  dnnshifter serve {export_path} --model {model_name}")
+    return mar
+
+
+def _read_state(state_file: Path) -> dict[str, Any] | None:
+    from dnnshifter_lightning.serve.torchserve import ServingError, TorchServeServer
+
+    try:
+        state = json.loads(state_file.read_text())
+        TorchServeServer.attach(state)  # has every field attach needs
+    except (OSError, ValueError, KeyError, TypeError, ServingError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def serve_command(store: Path, model: str, *, inference_port: int | None = None, management_port: int | None = None,
+                  metrics_port: int | None = None, no_auth: bool = False, enable_model_api: bool = False,
+                  console: Console | None = None) -> dict[str, Any]:
+    """``dnnshifter serve STORE --model NAME``: start TorchServe on 127.0.0.1 in the background, wait until
+    it is healthy, record it in ``state_dir()/serve.json`` for ``--stop``, print the URLs and keys.
+
+    Ports default to TorchServe's 8080/8081/8082 when free, else free ones. Token authorization
+    stays on unless ``no_auth``; the management API registers models only with ``enable_model_api``
+    (and then only ``.mar`` files in ``store``)."""
+    from dnnshifter_lightning.serve.torchserve import ServingError, TorchServeServer, free_port, port_is_free
+
+    out = console if console is not None else _STDOUT
+    home = state_dir()
+    state_file = home / "serve.json"
+    if state_file.is_file():
+        state = _read_state(state_file)
+        if state is not None:
+            old = TorchServeServer.attach(state)
+            if old.verify_ours(state) is None:
+                raise _exit(out, ServingError(f"a server is already running ({old.inference_url}); "
+                                              "stop it first: dnnshifter serve --stop"))
+        state_file.unlink()
+    mar = Path(store) / f"{model}.mar"
+    if not mar.is_file():
+        raise _exit(out, ServingError(f"{mar} not found; build it with: dnnshifter archive PORTFOLIO "
+                                      f"--model-name {model} --export-path {store}"))
+    wanted = {"inference": inference_port, "management": management_port, "metrics": metrics_port}
+    ports = {k: v or (d if port_is_free(d) else free_port()) for (k, v), d in zip(wanted.items(), (8080, 8081, 8082))}
+    workdir = home / "torchserve"
+    shutil.rmtree(workdir / "logs", ignore_errors=True)
+    server = TorchServeServer(store, {model: mar.name}, no_auth=no_auth, enable_model_api=enable_model_api,
+                              workdir=workdir, ports=ports)
+    with out.status(f"starting TorchServe for {model} (loading and profiling the portfolio)..."):
+        try:
+            server.start()
+        except ServingError as exc:
+            raise _exit(out, exc) from exc
+    home.mkdir(parents=True, exist_ok=True)
+    partial = state_file.with_suffix(".json.partial")
+    partial.write_text(json.dumps(server.state(), indent=2))
+    partial.replace(state_file)  # atomic: --stop never reads half a state file
+    out.print(f"[bold green]TorchServe is serving {model}[/]\n"
+              f"  inference   {server.inference_url}/predictions/{model}\n"
+              f"  management  {server.management_url}/models/{model}\n"
+              f"  metrics     {server.metrics_url}/metrics\n"
+              f"  logs        {server.log_dir}")
+    auth = "" if no_auth else f' -H "Authorization: Bearer $(jq -r .inference.key {server.key_file})"'
+    if no_auth:
+        out.print("  [yellow]token auth is OFF (--no-auth):[/] any local user can call every API")
+    if enable_model_api:
+        out.print(f"  [yellow]the management API can register models[/] (only .mar files in {server.store})")
+    if not no_auth:
+        out.print(f"  token auth is ON: keys are in {server.key_file} (inference.key for predictions, "
+                  "management.key for the management API; they expire after 60 min, the API key there "
+                  f"mints new ones: POST {server.management_url}/token?type=inference)")
+    out.print(f"try:  curl{auth} -X POST {server.inference_url}/predictions/{model} -T digit.png\n"
+              f"      curl{auth} -H 'Content-Type: application/json' -d '{{\"data\": [[...]]}}' "
+              f"{server.inference_url}/predictions/{model}\n"
+              "stop it with:  dnnshifter serve --stop")
+    return {"model": model, **server.state(), "inference_url": server.inference_url,
+            "management_url": server.management_url, "metrics_url": server.metrics_url,
+            "key_file": None if no_auth else str(server.key_file)}
+
+
+def serve_stop_command(console: Console | None = None) -> bool:
+    """``dnnshifter serve --stop``: stop the server ``dnnshifter serve`` started. True if one was running.
+
+    Only a process verified as that TorchServe (:meth:`TorchServeServer.verify_ours`: same pid,
+    start time, command line and process group) is signalled. A stale or foreign state file is
+    removed with a message, and nothing is signalled."""
+    from dnnshifter_lightning.serve.torchserve import TorchServeServer
+
+    out = console if console is not None else _STDOUT
+    state_file = state_dir() / "serve.json"
+    if not state_file.is_file():
+        out.print("no server started by `dnnshifter serve` is running")
+        return False
+    state = _read_state(state_file)
+    if state is None:
+        state_file.unlink(missing_ok=True)
+        out.print(f"{state_file} was unreadable; removed it, signalled nothing")
+        return False
+    server = TorchServeServer.attach(state)
+    why_not = server.verify_ours(state)
+    if why_not is not None:
+        state_file.unlink(missing_ok=True)
+        out.print(f"not stopping anything: {why_not}. Removed the stale {state_file}", highlight=False)
+        return False
+    server.stop()
+    state_file.unlink(missing_ok=True)
+    out.print("TorchServe stopped")
+    return True
+
+
+
 @app.command()
 def archive(
     portfolio: Path = typer.Argument(..., help="Portfolio directory."),
@@ -106,8 +250,6 @@ def archive(
                                            "accuracy/latency front above the accuracy floor), 'all', or ID,ID,..."),
 ) -> None:
     """Package a portfolio, the handler and its config into STORE/NAME.mar with torch-model-archiver."""
-    from dnnshifter_lightning.serve.torchserve import archive_command
-
     try:
         archive_command(portfolio, model_name, export_path, config=config, force=force, variants=variants)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
@@ -128,8 +270,6 @@ def serve(
     metrics_port: Optional[int] = typer.Option(None),
 ) -> None:
     """Start real TorchServe on 127.0.0.1 with a generated config, wait until healthy, print the URLs."""
-    from dnnshifter_lightning.serve.torchserve import serve_command, serve_stop_command
-
     try:
         if stop:
             serve_stop_command()

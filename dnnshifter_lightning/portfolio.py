@@ -23,9 +23,8 @@ What loading checks (every failure is a :class:`PortfolioError` naming the file)
 Every write is atomic: a temp file in the same directory, then :func:`os.replace`. The builder writes
 the manifest last, so a crash mid-build never leaves a manifest pointing at missing files.
 
-For cheap switching (see :class:`~dnnshifter_lightning.serve.runtime.PortfolioRuntime`), a loaded variant
-splits into a skeleton and its weights: :func:`variant_state`, :func:`release_state`,
-:func:`assign_state`, and a pickle-free byte form :func:`pack_state` / :func:`unpack_state`.
+For cheap switching, :class:`~dnnshifter_lightning.serve.runtime.PortfolioRuntime` splits a loaded
+variant into a skeleton and its weights (:func:`variant_state` lists them).
 
 Example::
 
@@ -64,8 +63,7 @@ from dnnshifter_lightning.graph import GraphError
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "VARIANT_SUFFIX", "PortfolioError",
     "save_variant", "load_variant", "write_manifest", "read_manifest", "verify_portfolio",
-    "validate_manifest", "sort_variants", "variant_state", "release_state", "assign_state",
-    "pack_state", "unpack_state", "atomic_write_bytes", "pareto_front", "profiles_from_manifest", "load_json",
+    "validate_manifest", "sort_variants", "variant_state", "atomic_write_bytes", "pareto_front", "profiles_from_manifest", "load_json",
     "MAX_MANIFEST_BYTES", "MAX_VARIANT_BYTES", "MAX_HEADER_BYTES", "INPUT_DTYPES",
 ]
 
@@ -421,99 +419,6 @@ def variant_state(module: nn.Module) -> dict[str, torch.Tensor]:
     state = {n: p.detach() for n, p in module.named_parameters(remove_duplicate=False)}
     state.update({n: b.detach() for n, b in module.named_buffers(remove_duplicate=False) if b is not None})
     return state
-
-
-def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    if attr in owner._parameters:
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:
-        raise KeyError(name)
-
-
-def release_state(module: nn.Module) -> nn.Module:
-    """Replace every parameter and buffer with a ``meta`` tensor of the same shape and dtype.
-
-    The module becomes a skeleton that holds no weight memory; :func:`assign_state` refills it.
-
-    Example::
-
-        >>> from torch import nn
-        >>> layer = release_state(nn.Linear(3, 2))
-        >>> layer.weight.is_meta, tuple(layer.weight.shape)
-        (True, (2, 3))
-    """
-    for name, t in variant_state(module).items():
-        _set_tensor(module, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
-    return module
-
-
-def assign_state(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Point ``module``'s parameters and buffers at ``tensors`` (no copy).
-
-    The names, shapes and dtypes must match the skeleton's exactly; otherwise ``ValueError`` and
-    the module is left unchanged.
-
-    Example::
-
-        >>> import torch
-        >>> layer = torch.nn.Linear(3, 2)
-        >>> weights = {name: t.clone() for name, t in variant_state(layer).items()}
-        >>> skeleton = release_state(layer)
-        >>> assign_state(skeleton, weights)(torch.zeros(1, 3)).shape
-        torch.Size([1, 2])
-        >>> skeleton.weight.data_ptr() == weights["weight"].data_ptr()    # no copy
-        True
-        >>> assign_state(skeleton, {"weight": weights["weight"]})
-        Traceback (most recent call last):
-            ...
-        ValueError: state does not match the skeleton: missing ['bias'], unexpected []
-    """
-    current = variant_state(module)
-    if set(current) != set(tensors):
-        missing, extra = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
-        raise ValueError(f"state does not match the skeleton: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, t in current.items():
-        new = tensors[name]
-        if new.shape != t.shape or new.dtype != t.dtype:
-            raise ValueError(f"{name}: expected {tuple(t.shape)} {t.dtype}, got {tuple(new.shape)} {new.dtype}")
-    for name, new in tensors.items():
-        _set_tensor(module, name, new)
-    return module
-
-
-def pack_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialize weights to safetensors bytes (no pickle) that :func:`unpack_state` reads back.
-
-    Example::
-
-        >>> import torch
-        >>> data = pack_state({"w": torch.ones(2, 2), "b": torch.zeros(2)})
-        >>> isinstance(data, bytes), sorted(unpack_state(data))
-        (True, ['b', 'w'])
-    """
-    return safetensors.torch.save({k: v.detach().contiguous().clone() for k, v in tensors.items()})
-
-
-def unpack_state(data: bytes) -> dict[str, torch.Tensor]:
-    """Read :func:`pack_state` bytes; anything but a safetensors file is a ``ValueError``.
-
-    Example::
-
-        >>> unpack_state(pack_state({"w": torch.ones(2, 2)}))["w"].sum().item()
-        4.0
-        >>> unpack_state(b"\\x80\\x04pickle")
-        Traceback (most recent call last):
-            ...
-        ValueError: packed state is not a safetensors file (...)
-    """
-    try:
-        return safetensors.torch.load(data)
-    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
-        raise ValueError(f"packed state is not a safetensors file ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------- manifest

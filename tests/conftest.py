@@ -1,7 +1,9 @@
+import functools
 import sys
 from pathlib import Path
 
-# Test helper modules (imp_helpers, ...) live next to the tests.
+# Test helper modules (imp_helpers, serve_fixtures, java_rule, ...) live here; the tests, in subfolders
+# that mirror the package (train/, shrink/, serve/, demo/), import them by name.
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -17,3 +19,19 @@ def portfolio(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("portfolio")
     build_test_portfolio(path, accuracies=LADDER_ACCURACIES)
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _java_rule() -> tuple[str, str] | None:
+    from java_rule import java_rule
+
+    return java_rule()
+
+
+def pytest_runtest_setup(item):
+    """Tests that start a real TorchServe (marked ``serve``): skipped without Java, failed under CI=true."""
+    if item.get_closest_marker("serve") is not None:
+        rule = _java_rule()
+        if rule is not None:
+            action, why = rule
+            (pytest.fail if action == "fail" else pytest.skip)(why)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -66,6 +67,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.serve  # its TorchServeServer block starts a real TorchServe
 def test_readme_examples_run_as_written(tmp_path):
     """The README's examples, verbatim, in fresh processes, in the order a reader meets them: the
     Trainer example, the offline build from its checkpoints, prune_structurally on its last level,

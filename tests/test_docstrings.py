@@ -20,8 +20,8 @@ MODULES = [
         "train.masks", "train.imp", "train.checkpoints",
         "shrink.structured", "shrink.measure", "shrink.build", "shrink.plot",
         "portfolio", "graph", "loadgen",
-        "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core", "serve.litserve",
-        "serve.torchserve", "serve.litserve_metrics", "serve.litserve_command",
+        "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core", "serve.defaults",
+        "serve.litserve", "serve.torchserve", "serve.litserve_metrics", "serve.litserve_command",
         "demo.run", "demo.serving", "demo.digits", "demo.models",
     )),
 ]

@@ -253,7 +253,7 @@ def test_cifar10_fake_fit_builds_portfolio_and_archive(tmp_path: Path) -> None:
             expected, got = sparse(x), variant(x)
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())), v["id"]
 
-    from dnnshifter_lightning.serve.torchserve import archive_command
+    from dnnshifter_lightning.cli import archive_command
 
     mar = archive_command(run / "portfolio", "cifar10_vgg16", tmp_path / "store")
     assert mar == tmp_path / "store" / "cifar10_vgg16.mar" and mar.is_file()

@@ -12,7 +12,7 @@ CORE = (
     "train", "train.masks", "train.checkpoints",
     "shrink", "shrink.structured", "shrink._surgery", "shrink.measure",
     "portfolio", "graph", "loadgen",
-    "serve", "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core",
+    "serve", "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core", "serve.defaults",
 )
 
 

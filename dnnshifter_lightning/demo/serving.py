@@ -29,11 +29,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from dnnshifter_lightning.loadgen import LoadResult, run_load, summarize
-from dnnshifter_lightning.serve.torchserve import (INITIAL_SWITCH_REASON, PIN_HEADER, JavaMissingError, ServingError, TorchServeServer,
-                      _console, _fmt, _http, _log_json, _mb, build_archive, check_java, default_model_config, free_port,
-                      read_switches)
+from dnnshifter_lightning.serve.defaults import INITIAL_SWITCH_REASON, PIN_HEADER, default_model_config
+from dnnshifter_lightning.serve.torchserve import (JavaMissingError, ServingError, TorchServeServer, _http, build_archive,
+                                                   check_java, free_port, read_log_events, read_switches)
 
 __all__ = ["run_demo_serving", "choose_engine", "ENGINES"]
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def _mb(n: Any) -> str:
+    return "-" if not isinstance(n, (int, float)) else f"{n / 2**20:.2f} MB"
 
 ENGINES = ("torchserve", "litserve")
 
@@ -106,7 +114,7 @@ def _torchserve(portfolio_dir: Path, workdir: Path, console: Any, model_name: st
     with TorchServeServer(mar.parent, {model_name: mar.name}, no_auth=no_auth, workdir=workdir / "torchserve") as ts:
         path = f"/predictions/{model_name}"
         yield _Engine(ts.ports.inference, path, ts.inference_headers(),
-                      lambda: (_log_json(ts, "DNNSHIFTER_MEMORY") or [{}])[-1], lambda: read_switches(ts),
+                      lambda: (read_log_events(ts, "DNNSHIFTER_MEMORY") or [{}])[-1], lambda: read_switches(ts),
                       "handler", "the archive's config", "handler.fixed_variant", {"archive": str(mar)})
 
 
@@ -208,7 +216,10 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     from dnnshifter_lightning.portfolio import read_manifest
     from dnnshifter_lightning.serve.served import resolve_served_set
 
-    console = _console(console)
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: choose torchserve or litserve")
     if engine == "torchserve":

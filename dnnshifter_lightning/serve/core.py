@@ -2,7 +2,7 @@
 
 The TorchServe handler (:mod:`dnnshifter_lightning.serve.handler`) and the LitServe API
 (:mod:`dnnshifter_lightning.serve.litserve`) are thin glue over this module, so both take the same
-options with the same defaults and validation (``serving.DEFAULT_MODEL_CONFIG["handler"]``), serve
+options with the same defaults and validation (``serve.defaults.DEFAULT_MODEL_CONFIG["handler"]``), serve
 the same set, build the same :class:`~dnnshifter_lightning.serve.policy.LoadPolicy` and answer the same
 request the same way. Imports neither ``ts`` nor ``litserve``.
 
@@ -32,11 +32,11 @@ from typing import Any, Mapping
 import torch
 
 from dnnshifter_lightning.portfolio import profiles_from_manifest, read_manifest
+from dnnshifter_lightning.serve.defaults import default_model_config
 from dnnshifter_lightning.serve.images import ImageRejected, decode_image, install_bomb_guard
 from dnnshifter_lightning.serve.policy import LoadPolicy, PolicyConfig
 from dnnshifter_lightning.serve.runtime import PinThrottled, PortfolioRuntime, SwitchError
 from dnnshifter_lightning.serve.served import ServedSet, resolve_served_set
-from dnnshifter_lightning.serve.torchserve import default_model_config
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Thin glue: :class:`~dnnshifter_lightning.serve.runtime.PortfolioRuntime` holds t
 ones zstd-compressed), :class:`~dnnshifter_lightning.serve.policy.LoadPolicy` picks the variant for each
 batch. ``dnnshifter archive`` packs this file, the portfolio (``portfolio/``) and a
 ``model-config.yaml`` into a ``.mar``; options live under ``handler:`` in that YAML (see
-``dnnshifter_lightning.serve.torchserve.DEFAULT_MODEL_CONFIG`` for the keys and defaults). Options, the served
+``dnnshifter_lightning.serve.defaults.DEFAULT_MODEL_CONFIG`` for the keys and defaults). Options, the served
 set, the policy, request parsing and batch inference live in :mod:`dnnshifter_lightning.serve.core`,
 shared with the LitServe API (:class:`dnnshifter_lightning.PortfolioLitAPI`).
 
@@ -42,7 +42,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from dnnshifter_lightning.serve import core
-from dnnshifter_lightning.serve.torchserve import INITIAL_SWITCH_REASON
+from dnnshifter_lightning.serve.defaults import INITIAL_SWITCH_REASON
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ class PortfolioHandler(BaseHandler):
     """Serves the portfolio packed into the ``.mar``; see the module docstring."""
 
     def initialize(self, context):
+        # Per-batch state that preprocess/inference/postprocess hand on, set here so every step can rely on it
+        self._batch_start = time.perf_counter()  # when preprocess of the current batch began
+        self._pinned = [0, 0.0]  # requests of the batch that pinned another variant, and the seconds they took
+        self._next_signals_log = 0.0  # monotonic time of the next DNNSHIFTER_SIGNALS line
         props = context.system_properties
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         self.options = opts = core.default_options(yaml_cfg.get("handler") or {})
@@ -110,7 +114,7 @@ class PortfolioHandler(BaseHandler):
         if decision.variant_id != self.runtime.active_id:
             self._switch(decision.variant_id, decision.reason)
         results, pinned_n, pinned_s = core.infer_batch(self.runtime, items)
-        self._pinned = [pinned_n, pinned_s]  # requests that pinned another variant, and the seconds they took
+        self._pinned = [pinned_n, pinned_s]
         return results
 
     def postprocess(self, results):
@@ -138,7 +142,7 @@ class PortfolioHandler(BaseHandler):
     def _log_signals(self) -> None:
         every = float(self.options.get("log_signals_s") or 0)
         now = time.monotonic()
-        if every > 0 and now >= getattr(self, "_next_signals_log", 0.0):
+        if every > 0 and now >= self._next_signals_log:
             self._next_signals_log = now + every
             sig = {k: round(v, 4) for k, v in self.policy.signals().items()}
             logger.info("DNNSHIFTER_SIGNALS %s", json.dumps({"active": self.runtime.active_id, **sig}))

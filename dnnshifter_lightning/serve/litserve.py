@@ -5,7 +5,7 @@ The same contract as the TorchServe handler, through the same code
 ``{"data": <one input without the batch dim>}`` and answers ``{"label", "scores", "variant"}``;
 a bad request gets a 4xx ``{"error": ..., "code": ...}`` while the rest of its batch is answered;
 the header ``X-DNNShifter-Variant: <id>`` pins a variant for one request. Options are the TorchServe
-handler's (``serving.DEFAULT_MODEL_CONFIG["handler"]``), with the same defaults and validation.
+handler's (``serve.defaults.DEFAULT_MODEL_CONFIG["handler"]``), with the same defaults and validation.
 
 Batching is LitServe's (``max_batch_size``, ``batch_timeout`` in seconds); auth belongs to the
 ``LitServer``. The policy reads, per batch: its size, its service time (first request decoded to
@@ -42,8 +42,8 @@ from fastapi.responses import JSONResponse
 
 from dnnshifter_lightning.portfolio import read_manifest
 from dnnshifter_lightning.serve import core
+from dnnshifter_lightning.serve.defaults import INITIAL_SWITCH_REASON
 from dnnshifter_lightning.serve.served import resolve_served_set
-from dnnshifter_lightning.serve.torchserve import INITIAL_SWITCH_REASON
 from dnnshifter_lightning.serve.litserve_metrics import METRICS_KEY
 
 logger = logging.getLogger(__name__)

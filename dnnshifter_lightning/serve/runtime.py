@@ -63,7 +63,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import zstandard
@@ -73,7 +73,7 @@ from dnnshifter_lightning.portfolio import (
     INPUT_DTYPES, PortfolioError, load_variant, profiles_from_manifest, variant_state, verify_portfolio,
 )
 
-__all__ = ["PortfolioRuntime", "SwitchRecord", "SwitchError", "PinThrottled", "PortfolioError"]
+__all__ = ["PortfolioRuntime", "SwitchRecord", "VariantMemory", "SwitchError", "PinThrottled", "PortfolioError"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,23 @@ class SwitchRecord:
     ok: bool = True
     error: str | None = None
     cached: bool = False  #: the target was already inflated (cache hit)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantMemory:
+    """What :meth:`PortfolioRuntime.variant_memory` reports for one served variant (a snapshot).
+
+    Example::
+
+        >>> m = VariantMemory(compressed_bytes=300, inflated_bytes=1024, frames=(200, 100), inflated=False)
+        >>> f"{m.compressed_bytes / m.inflated_bytes:.0%} of its weights held, in {len(m.frames)} frames"
+        '29% of its weights held, in 2 frames'
+    """
+
+    compressed_bytes: int  #: the zstd-compressed weights, always held
+    inflated_bytes: int  #: the flat weight buffer while inflated (tensors aligned to 64 bytes)
+    frames: tuple[int, ...]  #: compressed size of each independently decoded frame
+    inflated: bool  #: weights are live now (active, cached, pinned or finishing a request)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +344,7 @@ class PortfolioRuntime:
             ``"cuda:0"``). Compressed weights always stay in host memory; a switch inflates on the
             host and copies the weights to the device in one transfer. :meth:`infer` moves each
             batch to the device and returns the logits on the batch's own device.
+        clock: the monotonic clock (seconds) the pin-inflate budget is measured on; tests inject one.
 
     Thread-safe: requests may run concurrently with each other and with :meth:`switch_to`.
 
@@ -365,7 +383,8 @@ class PortfolioRuntime:
                  profile_batch_sizes: Sequence[int] | None = (1, 8), codec: str = "zstd",
                  compression_level: int | None = None, inflate_threads: int | None = None,
                  pin_inflate_interval_s: float = 1.0, variants: Sequence[str] | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -408,7 +427,7 @@ class PortfolioRuntime:
         self._pin_lock = threading.Lock()  # one pin inflate at a time, and the pin budget
         self._pinned: str | None = None  # the pin slot: last variant inflated for a pin
         self._last_pin_inflate = -float("inf")
-        self._clock = time.monotonic
+        self._clock = clock
         self.pin_inflates = 0  #: inflates done for pins (not switches) since start
         self.switch_log: collections.deque[SwitchRecord] = collections.deque(maxlen=10_000)
         logger.info("portfolio %s: %d variants loaded in %.2fs, %s active, %.2f MB resident",
@@ -491,6 +510,17 @@ class PortfolioRuntime:
             variant.release_pending = True
         else:
             variant.release()
+
+    def variant_memory(self, variant_id: str) -> VariantMemory:
+        """Compressed and inflated sizes of a served variant, and whether it is inflated now."""
+        v = self._get(variant_id)
+        with self._lock:
+            return VariantMemory(len(v.blob), v.nbytes, tuple(v.frame_sizes), v.live)
+
+    def variant_module(self, variant_id: str) -> nn.Module:
+        """The served variant's module, to inspect (its weights are ``meta`` tensors while it is
+        compressed); requests go through :meth:`infer`, which holds it inflated."""
+        return self._get(variant_id).module
 
     def pinned_id(self) -> str | None:
         """The variant held in the pin slot (inflated for a pin, outside the LRU cache), if any."""

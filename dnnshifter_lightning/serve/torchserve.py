@@ -1,8 +1,14 @@
-"""TorchServe glue: build a ``.mar`` from a portfolio, run TorchServe on loopback, drive load at it.
+"""TorchServe outside the worker: build a ``.mar`` from a portfolio, run TorchServe on loopback, talk to it.
 
-Everything here talks to ``127.0.0.1`` only. The plain functions ``archive_command``,
-``serve_command`` and ``serve_stop_command`` back ``dnnshifter archive`` / ``dnnshifter serve``;
-:class:`TorchServeServer` is the Python API used by tests, benchmarks and the demo.
+* :func:`build_archive`: the handler (:mod:`dnnshifter_lightning.serve.handler`, the worker code),
+  the portfolio and a ``model-config.yaml`` (:mod:`dnnshifter_lightning.serve.defaults`) into a ``.mar``;
+* :class:`TorchServeServer`: the server process (Java, see :func:`check_java`) with its own ports,
+  working dir and TMPDIR, and its HTTP client;
+* :func:`read_switches` / :func:`read_log_events`: what the handler logged.
+
+Everything here talks to ``127.0.0.1`` only and prints nothing: ``dnnshifter archive`` and
+``dnnshifter serve`` (:mod:`dnnshifter_lightning.cli`) and the demo's serving run
+(:mod:`dnnshifter_lightning.demo.serving`) are built on it.
 
 Example::
 
@@ -33,23 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from dnnshifter_lightning.loadgen import LOOPBACK, LoadResult, run_load, summarize
+from dnnshifter_lightning.loadgen import LOOPBACK
+from dnnshifter_lightning.serve.defaults import MAX_REQUEST_BYTES, default_model_config
 
 __all__ = [
-    "JavaMissingError", "ServingError", "check_java", "free_port", "default_model_config",
-    "build_archive", "TorchServeServer", "LoadResult", "run_load",
-    "archive_command", "serve_command", "serve_stop_command", "PIN_HEADER", "HANDLER_FILE",
-    "summarize", "read_switches", "json_bodies",
+    "JavaMissingError", "ServingError", "check_java", "free_port", "port_is_free", "build_archive",
+    "TorchServeServer", "HANDLER_FILE", "read_switches", "read_log_events", "json_bodies",
 ]
 
-PIN_HEADER = "X-DNNShifter-Variant"
-INITIAL_SWITCH_REASON = "initial choice"  # the handler's switch log entry for the variant it starts on
 #: The TorchServe worker code that ``build_archive`` packs into the ``.mar``, found by import (the file of
 #: ``dnnshifter_lightning.serve.handler``, without importing it: it imports ``ts``).
 HANDLER_FILE = Path(importlib.util.find_spec("dnnshifter_lightning.serve.handler").origin)
-#: Largest request body TorchServe's frontend accepts (``max_request_size``): a 3x224x224 input as
-#: JSON is about 1.5 MB, a photo-sized JPEG a few MB.
-MAX_REQUEST_BYTES = 8 * 2**20
 #: Largest response (``max_response_size``): ours are a label and one score per class.
 MAX_RESPONSE_BYTES = 2**20
 
@@ -61,33 +61,6 @@ JAVA_HELP = (
     "  any OS:         Eclipse Temurin 17 from https://adoptium.net\n"
     "then make sure `java -version` says 17 (or set JAVA_HOME to the JDK/JRE directory)."
 )
-
-# Defaults written into every archive's model-config.yaml, so that a plain
-# `torchserve --start --model-store STORE --models NAME=NAME.mar` batches and switches.
-DEFAULT_MODEL_CONFIG: dict[str, Any] = {
-    "minWorkers": 1,
-    "maxWorkers": 1,
-    "batchSize": 8,
-    "maxBatchDelay": 5,
-    "responseTimeout": 60,
-    "handler": {
-        "portfolio_dir": "portfolio",
-        "variants": "front",
-        "min_accuracy": None,
-        "memory_budget_mb": None,
-        "fixed_variant": None,
-        "slo_ms": None,
-        "pin_header": PIN_HEADER,
-        "pin_inflate_interval_s": 1.0,  # a pin to a non-resident variant inflates it at most once per interval
-        "max_image_pixels": 4096 * 4096,  # width x height, checked on the image header before decoding
-        "max_body_bytes": MAX_REQUEST_BYTES,
-        "profile_batch_sizes": [1, 8],
-        "torch_threads": "auto",
-        "log_signals_s": 5.0,
-        "policy": {},
-    },
-}
-
 
 class ServingError(RuntimeError):
     """TorchServe failed to build, start, become healthy or stop; the message says why.
@@ -123,8 +96,10 @@ class JavaMissingError(ServingError):
     """
 
 
-def check_java() -> str:
+def check_java(env: Mapping[str, str] | None = None) -> str:
     """Return the path of a usable ``java`` (17+) or raise :class:`JavaMissingError` with install help.
+
+    ``JAVA_HOME``, else ``java`` on ``PATH``, looked up in ``env`` (default: ``os.environ``).
 
     >>> check_java()  # doctest: +SKIP
     '/usr/bin/java'
@@ -137,8 +112,9 @@ def check_java() -> str:
     dnnshifter_lightning.serve.torchserve.JavaMissingError: JAVA_HOME=... has no bin/java.
     TorchServe 0.12 needs Java 17 ...
     """
-    java_home = os.environ.get("JAVA_HOME")
-    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    env = os.environ if env is None else env
+    java_home = env.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java", path=env.get("PATH", os.defpath))
     if not java or not Path(java).exists():
         where = f"JAVA_HOME={java_home} has no bin/java" if java_home else "`java` is not on PATH"
         raise JavaMissingError(f"{where}.\n{JAVA_HELP}")
@@ -178,29 +154,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` can be bound on 127.0.0.1 right now.
+
+    Example::
+
+        >>> port_is_free(free_port())
+        True
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((LOOPBACK, port))
         except OSError:
             return False
     return True
-
-
-def _merge(base: dict, override: Mapping) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, Mapping) else value
-    return out
-
-
-def default_model_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The archive's ``model-config.yaml`` content: built-in defaults deep-merged with ``overrides``.
-
-    >>> default_model_config({"batchSize": 4, "handler": {"slo_ms": 20}})["handler"]["slo_ms"]
-    20
-    """
-    return _merge(DEFAULT_MODEL_CONFIG, overrides or {})
 
 
 def build_archive(portfolio: Path, model_name: str, export_path: Path, config: Path | Mapping | None = None,
@@ -667,220 +634,34 @@ def read_switches(server: TorchServeServer) -> list[dict[str, Any]]:
         [('level_00', 'level_08', 'burst')]
         >>> ts.stop()
     """
+    return [e for e in read_log_events(server, "DNNSHIFTER_SWITCH") if e.get("from") != e.get("to")]
+
+
+def read_log_events(server: TorchServeServer, tag: str) -> list[dict[str, Any]]:
+    """Every ``TAG {json}`` line the handler wrote to the model log (``DNNSHIFTER_SWITCH``,
+    ``DNNSHIFTER_MEMORY``, ...), oldest first; lines whose JSON does not parse are skipped.
+
+    Example::
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> ts = TorchServeServer(Path(tempfile.mkdtemp()))     # not started: we only read its log dir
+        >>> ts.log_dir.mkdir(parents=True)
+        >>> _ = (ts.log_dir / "model_log.log").write_text('x DNNSHIFTER_MEMORY {"total_bytes": 8}\\n'
+        ...                                               'x DNNSHIFTER_MEMORY {broken\\n')
+        >>> read_log_events(ts, "DNNSHIFTER_MEMORY")
+        [{'total_bytes': 8}]
+        >>> ts.stop()
+    """
     log = server.log_dir / "model_log.log"
     out = []
     if log.is_file():
         for line in log.read_text(errors="replace").splitlines():
-            if "DNNSHIFTER_SWITCH {" in line:
-                with_json = line.split("DNNSHIFTER_SWITCH ", 1)[1]
-                try:
-                    event = json.loads(with_json)
-                except ValueError:
-                    continue
-                if event.get("from") != event.get("to"):
-                    out.append(event)
+            if f"{tag} {{" in line:
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line.split(f"{tag} ", 1)[1]))
     return out
 
-
-# -------------------------------------------------------------------------------- CLI commands
-
-def _console(console: Any = None) -> Any:
-    if console is not None:
-        return console
-    from rich.console import Console
-
-    return Console()
-
-
-def state_dir() -> Path:
-    """Where ``dnnshifter serve`` keeps its server's working dir and state: ``$DNNSHIFTER_HOME`` or
-    ``$XDG_CACHE_HOME/dnnshifter`` (default ``~/.cache/dnnshifter``)."""
-    if os.environ.get("DNNSHIFTER_HOME"):
-        return Path(os.environ["DNNSHIFTER_HOME"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dnnshifter"
-
-
-def _fail(console: Any, exc: Exception) -> SystemExit:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
-    return SystemExit(1)
-
-
-def archive_command(portfolio: Path, model_name: str, export_path: Path, config: Path | None = None,
-                    force: bool = False, console: Any = None, variants: str | None = None) -> Path:
-    """``dnnshifter archive PORTFOLIO --model-name NAME --export-path STORE [--config YAML] [--force]
-    [--variants front|all|ID,ID]``.
-
-    Prints where the ``.mar`` went and how to serve it; on failure prints the error and raises
-    ``SystemExit(1)``.
-
-    Example::
-
-        >>> from pathlib import Path
-        >>> archive_command(Path("portfolio"), "digits", Path("store"))  # doctest: +SKIP
-        >>> import io, tempfile
-        >>> from rich.console import Console
-        >>> quiet = Console(file=io.StringIO(), width=200)
-        >>> archive_command(Path(tempfile.mkdtemp()), "digits", Path("store"), console=quiet)
-        Traceback (most recent call last):
-            ...
-        SystemExit: 1
-        >>> "is not a portfolio" in quiet.file.getvalue()
-        True
-    """
-    console = _console(console)
-    try:
-        mar = build_archive(portfolio, model_name, export_path, config, force, variants=variants)
-    except (ServingError, OSError, ValueError) as exc:
-        raise _fail(console, exc) from exc
-    console.print(f"wrote [bold]{mar}[/] ({mar.stat().st_size / 1e6:.1f} MB)\n"
-                  f"serve it:  dnnshifter serve {export_path} --model {model_name}")
-    return mar
-
-
-def serve_command(store: Path, model: str, *, inference_port: int | None = None, management_port: int | None = None,
-                  metrics_port: int | None = None, no_auth: bool = False, enable_model_api: bool = False,
-                  foreground: bool = False, console: Any = None) -> dict[str, Any]:
-    """``dnnshifter serve STORE --model NAME``: start TorchServe on 127.0.0.1 and wait until it is healthy.
-
-    Ports default to TorchServe's 8080/8081/8082 when free, else free ones. Token authorization
-    stays on unless ``no_auth``; the management API registers models only with ``enable_model_api``
-    (and then only ``.mar`` files in ``store``). The server keeps running in the background (stop it with
-    :func:`serve_stop_command`) unless ``foreground``, which serves until Ctrl-C.
-
-    Example::
-
-        >>> from pathlib import Path
-        >>> info = serve_command(Path("store"), "digits")  # doctest: +SKIP
-        >>> info["inference_url"]  # doctest: +SKIP
-        'http://127.0.0.1:8080'
-        >>> serve_stop_command()  # doctest: +SKIP
-        True
-        >>> import io, os, tempfile
-        >>> from unittest import mock
-        >>> from rich.console import Console
-        >>> quiet = Console(file=io.StringIO(), width=200)
-        >>> with mock.patch.dict(os.environ, {"DNNSHIFTER_HOME": tempfile.mkdtemp()}):
-        ...     serve_command(Path(tempfile.mkdtemp()), "digits", console=quiet)   # no digits.mar there
-        Traceback (most recent call last):
-            ...
-        SystemExit: 1
-        >>> "digits.mar not found" in " ".join(quiet.file.getvalue().split())
-        True
-    """
-    console = _console(console)
-    home = state_dir()
-    state_file = home / "serve.json"
-    if state_file.is_file():
-        state = _read_state(state_file)
-        if state is not None:
-            old = TorchServeServer.attach(state)
-            if old.verify_ours(state) is None:
-                raise _fail(console, ServingError(f"a server is already running ({old.inference_url}); "
-                                                  "stop it first: dnnshifter serve --stop"))
-        state_file.unlink()
-    mar = Path(store) / f"{model}.mar"
-    if not mar.is_file():
-        raise _fail(console, ServingError(f"{mar} not found; build it with: dnnshifter archive PORTFOLIO "
-                                          f"--model-name {model} --export-path {store}"))
-    wanted = {"inference": inference_port, "management": management_port, "metrics": metrics_port}
-    ports = {k: v or (d if _port_is_free(d) else free_port()) for (k, v), d in zip(wanted.items(), (8080, 8081, 8082))}
-    workdir = home / "torchserve"
-    shutil.rmtree(workdir / "logs", ignore_errors=True)
-    server = TorchServeServer(store, {model: mar.name}, no_auth=no_auth, enable_model_api=enable_model_api,
-                              workdir=workdir, ports=ports)
-    with console.status(f"starting TorchServe for {model} (loading and profiling the portfolio)..."):
-        try:
-            server.start()
-        except ServingError as exc:
-            raise _fail(console, exc) from exc
-    home.mkdir(parents=True, exist_ok=True)
-    partial = state_file.with_suffix(".json.partial")
-    partial.write_text(json.dumps(server.state(), indent=2))
-    partial.replace(state_file)  # atomic: --stop never reads half a state file
-    console.print(f"[bold green]TorchServe is serving {model}[/]\n"
-                  f"  inference   {server.inference_url}/predictions/{model}\n"
-                  f"  management  {server.management_url}/models/{model}\n"
-                  f"  metrics     {server.metrics_url}/metrics\n"
-                  f"  logs        {server.log_dir}")
-    auth = "" if no_auth else f' -H "Authorization: Bearer $(jq -r .inference.key {server.key_file})"'
-    if no_auth:
-        console.print("  [yellow]token auth is OFF (--no-auth):[/] any local user can call every API")
-    if enable_model_api:
-        console.print(f"  [yellow]the management API can register models[/] (only .mar files in {server.store})")
-    if not no_auth:
-        console.print(f"  token auth is ON: keys are in {server.key_file} (inference.key for predictions, "
-                      "management.key for the management API; they expire after 60 min, the API key there "
-                      f"mints new ones: POST {server.management_url}/token?type=inference)")
-    console.print(f"try:  curl{auth} -X POST {server.inference_url}/predictions/{model} -T digit.png\n"
-                  f"      curl{auth} -H 'Content-Type: application/json' -d '{{\"data\": [[...]]}}' "
-                  f"{server.inference_url}/predictions/{model}")
-    info = {"model": model, **server.state(), "inference_url": server.inference_url,
-            "management_url": server.management_url, "metrics_url": server.metrics_url,
-            "key_file": None if no_auth else str(server.key_file)}
-    if foreground:
-        console.print("serving in the foreground; Ctrl-C stops it")
-        try:
-            while server._alive():
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.stop()
-            state_file.unlink(missing_ok=True)
-            console.print("TorchServe stopped")
-    else:
-        console.print("stop it with:  dnnshifter serve --stop")
-    return info
-
-
-def _read_state(state_file: Path) -> dict[str, Any] | None:
-    try:
-        state = json.loads(state_file.read_text())
-        TorchServeServer.attach(state)  # has every field attach needs
-    except (OSError, ValueError, KeyError, TypeError, ServingError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def serve_stop_command(console: Any = None) -> bool:
-    """``dnnshifter serve --stop``: stop the server ``dnnshifter serve`` started. True if one was running.
-
-    Only a process verified as that TorchServe (:meth:`TorchServeServer.verify_ours`: same pid,
-    start time, command line and process group) is signalled. A stale or foreign state file is
-    removed with a message, and nothing is signalled.
-
-    Example::
-
-        >>> import os, tempfile
-        >>> from unittest import mock
-        >>> with mock.patch.dict(os.environ, {"DNNSHIFTER_HOME": tempfile.mkdtemp()}):   # nothing started
-        ...     serve_stop_command()
-        no server started by `dnnshifter serve` is running
-        False
-    """
-    console = _console(console)
-    state_file = state_dir() / "serve.json"
-    if not state_file.is_file():
-        console.print("no server started by `dnnshifter serve` is running")
-        return False
-    state = _read_state(state_file)
-    if state is None:
-        state_file.unlink(missing_ok=True)
-        console.print(f"{state_file} was unreadable; removed it, signalled nothing")
-        return False
-    server = TorchServeServer.attach(state)
-    why_not = server.verify_ours(state)
-    if why_not is not None:
-        state_file.unlink(missing_ok=True)
-        console.print(f"not stopping anything: {why_not}. Removed the stale {state_file}", highlight=False)
-        return False
-    server.stop()
-    state_file.unlink(missing_ok=True)
-    console.print("TorchServe stopped")
-    return True
-
-
-# -------------------------------------------------------------------------------- the demo
 
 def json_bodies(x: Any) -> list[bytes]:
     """One ``{"data": ...}`` request body per input of a batch tensor ``x``.
@@ -892,23 +673,3 @@ def json_bodies(x: Any) -> list[bytes]:
         [b'{"data": [[0.5, 1.0]]}', b'{"data": [[0.0, -1.0]]}']
     """
     return [json.dumps({"data": row.tolist()}).encode() for row in x]
-
-
-def _fmt(v: Any) -> str:
-    return "-" if v is None else str(v)
-
-
-def _log_json(server: TorchServeServer, tag: str) -> list[dict[str, Any]]:
-    """Every ``TAG {json}`` line the handler wrote to the model log, oldest first."""
-    log = server.log_dir / "model_log.log"
-    out = []
-    if log.is_file():
-        for line in log.read_text(errors="replace").splitlines():
-            if f"{tag} {{" in line:
-                with contextlib.suppress(ValueError):
-                    out.append(json.loads(line.split(f"{tag} ", 1)[1]))
-    return out
-
-
-def _mb(n: Any) -> str:
-    return "-" if not isinstance(n, (int, float)) else f"{n / 2**20:.2f} MB"

@@ -37,7 +37,6 @@ __all__ = [
     "DEFAULT_PRUNABLE_TYPES",
     "find_prunable",
     "prune_step",
-    "apply_masks_",
     "sparsity",
     "count_surviving",
     "survivors_after",
@@ -188,24 +187,6 @@ def prune_step(
                 m = masks.get(n)
                 out[n] = torch.ones_like(w, dtype=torch.bool) if m is None else m.to(torch.bool).clone()
     return {n: out[n] for n in weights}
-
-
-@torch.no_grad()
-def apply_masks_(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
-    """Zero the pruned entries of ``weights`` in place.
-
-    Example::
-
-        >>> import torch
-        >>> w = torch.tensor([1.0, 2.0, 3.0])
-        >>> apply_masks_({"w": w}, {"w": torch.tensor([True, False, True])})
-        >>> w
-        tensor([1., 0., 3.])
-    """
-    for name, w in weights.items():
-        m = masks.get(name)
-        if m is not None:
-            w.mul_(m.to(device=w.device, dtype=w.dtype))
 
 
 def count_surviving(masks: Mapping[str, torch.Tensor]) -> tuple[int, int]:

@@ -23,14 +23,15 @@ import pytest
 import torch
 
 from dnnshifter_lightning.serve.runtime import PortfolioRuntime
-from dnnshifter_lightning.serve.torchserve import PIN_HEADER, _http, free_port
+from dnnshifter_lightning.serve.defaults import PIN_HEADER
+from dnnshifter_lightning.serve.torchserve import _http, free_port
 
 from serve_fixtures import digits_samples, json_body, png_body, small_image
 
 pytest.importorskip("litserve")
 pytestmark = pytest.mark.litserve
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SERVER = textwrap.dedent("""
     import sys

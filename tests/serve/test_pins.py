@@ -42,10 +42,8 @@ class _Clock:
 
 
 def _runtime(portfolio, **kw) -> tuple[PortfolioRuntime, _Clock]:
-    rt = PortfolioRuntime(portfolio, profile_batch_sizes=None, **kw)
     clock = _Clock()
-    rt._clock = clock
-    return rt, clock
+    return PortfolioRuntime(portfolio, profile_batch_sizes=None, clock=clock, **kw), clock
 
 
 def test_repeated_pins_to_an_inactive_variant_inflate_it_once(portfolio, counted):

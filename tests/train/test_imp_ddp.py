@@ -13,8 +13,8 @@ from dnnshifter_lightning.train.masks import mask_digest
 
 
 def test_ddp_two_processes_identical_masks_and_rank_zero_writes(tmp_path):
-    script = Path(__file__).with_name("ddp_imp_script.py")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    script = Path(__file__).resolve().parents[1] / "ddp_imp_script.py"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
                MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -93,7 +93,7 @@ def test_inactive_variants_stay_compressed(portfolio, references):
     rt = PortfolioRuntime(portfolio, profile_batch_sizes=None, initial="l3")
     raw = _raw_bytes(references)
     b = rt.resident_breakdown()
-    blobs = {vid: len(v.blob) for vid, v in rt._variants.items()}
+    blobs = {vid: rt.variant_memory(vid).compressed_bytes for vid in rt.variant_ids}
     assert b["compressed"] == sum(blobs.values()) and b["cache"] == b["in_flight"] == 0
     assert raw["l3"] <= b["active"] < raw["l3"] + 64 * 40  # aligned flat buffer of the active weights
     assert b["total"] == rt.resident_bytes() == b["compressed"] + b["active"]
@@ -101,7 +101,8 @@ def test_inactive_variants_stay_compressed(portfolio, references):
         assert blobs[vid] < raw[vid] * (1.0 - 0.5 * unstructured), vid
     assert rt.resident_bytes() < 0.75 * sum(raw.values())  # all inflated would be >= 1.0
     # released skeletons hold no weight memory
-    assert all(p.device.type == "meta" for p in rt._variants["dense"].module.parameters())
+    assert not rt.variant_memory("dense").inflated
+    assert all(p.device.type == "meta" for p in rt.variant_module("dense").parameters())
 
 
 def test_unknown_variant_is_a_clear_error(portfolio):
@@ -116,6 +117,7 @@ def test_unknown_variant_is_a_clear_error(portfolio):
 
 def test_failed_inflate_keeps_previous_variant(portfolio, references, x, caplog):
     rt = PortfolioRuntime(portfolio, profile_batch_sizes=None)
+    # fault injection reaches inside on purpose: no public API corrupts weights held in memory
     blob = bytearray(rt._variants["l2"].blob)
     blob[len(blob) // 2] ^= 0xFF  # corrupt the in-memory compressed weights
     rt._variants["l2"].blob = bytes(blob)
@@ -133,14 +135,13 @@ def test_failed_inflate_keeps_previous_variant(portfolio, references, x, caplog)
 
 def test_request_in_flight_finishes_on_its_variant(portfolio, references, x):
     rt = PortfolioRuntime(portfolio, profile_batch_sizes=None)
-    dense = rt._variants["dense"]
     entered, release = threading.Event(), threading.Event()
 
     def hold(module, args):
         entered.set()
         assert release.wait(10)
 
-    handle = dense.module.register_forward_pre_hook(hold)
+    handle = rt.variant_module("dense").register_forward_pre_hook(hold)
     result = {}
     worker = threading.Thread(target=lambda: result.update(zip(("out", "vid"), rt.infer(x))))
     worker.start()
@@ -149,14 +150,14 @@ def test_request_in_flight_finishes_on_its_variant(portfolio, references, x):
         handle.remove()
         rt.switch_to("l3")  # swaps the reference; dense's weights must stay until the request ends
         assert rt.active_id == "l3"
-        assert rt.resident_breakdown()["in_flight"] == dense.nbytes
+        assert rt.resident_breakdown()["in_flight"] == rt.variant_memory("dense").inflated_bytes
         torch.testing.assert_close(rt(x), _ref(references, "l3", x), rtol=0, atol=1e-6)
     finally:
         release.set()
         worker.join(10)
     assert result["vid"] == "dense"
     torch.testing.assert_close(result["out"], _ref(references, "dense", x), rtol=0, atol=1e-6)
-    assert rt.resident_breakdown()["in_flight"] == 0 and not dense.live  # released once finished
+    assert rt.resident_breakdown()["in_flight"] == 0 and not rt.variant_memory("dense").inflated  # released once done
 
 
 def test_concurrent_requests_and_switches_stay_consistent(portfolio, references, x):
@@ -201,7 +202,7 @@ def test_corrupt_file_refused_at_start_naming_it(portfolio, tmp_path):
 
 def test_memory_budget_cache_is_respected(portfolio, references, x):
     plain = PortfolioRuntime(portfolio, profile_batch_sizes=None)
-    raw = {vid: v.nbytes for vid, v in plain._variants.items()}
+    raw = {vid: plain.variant_memory(vid).inflated_bytes for vid in plain.variant_ids}
     floor = plain.resident_breakdown()["compressed"]
     # room for the compressed blobs, the biggest active variant and l2 + l3 inflated, not dense
     budget = floor + raw["dense"] + raw["l2"] + raw["l3"] + 1024
@@ -230,7 +231,7 @@ def test_pinned_request_does_not_change_active(portfolio, references, x):
     assert vid == "l2" and rt.active_id == "dense"
     torch.testing.assert_close(out, _ref(references, "l2", x), rtol=0, atol=1e-6)
     # no cache configured: kept in the one-variant pin slot, so the next pin does not inflate again
-    assert rt._variants["l2"].live and rt.pinned_id() == "l2"
+    assert rt.variant_memory("l2").inflated and rt.pinned_id() == "l2"
     assert rt.resident_breakdown()["in_flight"] == 0 and rt.resident_breakdown()["pinned"] > 0
 
 
@@ -239,7 +240,7 @@ def test_measure_profiles_on_this_machine(portfolio):
     assert set(rt.profiles) == set(rt.variant_ids)
     assert all(set(p) == {1, 4} and all(s > 0 for s in p.values()) for p in rt.profiles.values())
     assert rt.active_id == "dense" and rt.resident_breakdown()["cache"] == 0
-    assert not rt._variants["l3"].live  # measured, then released again
+    assert not rt.variant_memory("l3").inflated  # measured, then released again
     fallback = PortfolioRuntime(portfolio, profile_batch_sizes=None)
     assert fallback.profiles["l1"] == {1: 0.001, 8: 0.002}  # the manifest's build-time figures
 
@@ -273,7 +274,7 @@ def big_portfolio(tmp_path_factory):
 def test_multi_frame_variants_inflate_exactly_on_any_thread_count(big_portfolio, x, threads):
     refs = {vid: load_variant(big_portfolio / f"{vid}.safetensors.zst") for vid in ("wide", "wide_sparse")}
     rt = PortfolioRuntime(big_portfolio, profile_batch_sizes=None, inflate_threads=threads)
-    assert len(rt._variants["wide"].frame_sizes) > 3
+    assert len(rt.variant_memory("wide").frames) > 3
     for vid in ("wide_sparse", "wide", "wide_sparse"):
         rt.switch_to(vid)
         torch.testing.assert_close(rt(x), _ref(refs, vid, x), rtol=0, atol=0)
@@ -281,7 +282,7 @@ def test_multi_frame_variants_inflate_exactly_on_any_thread_count(big_portfolio,
 
 def test_corrupt_middle_frame_fails_the_switch_and_keeps_the_active_variant(big_portfolio, x):
     rt = PortfolioRuntime(big_portfolio, profile_batch_sizes=None, inflate_threads=2)
-    v = rt._variants["wide_sparse"]
+    v = rt._variants["wide_sparse"]  # fault injection reaches inside on purpose (see above)
     blob = bytearray(v.blob)
     middle = sum(v.frame_sizes[:2]) + v.frame_sizes[2] // 2  # inside the third frame
     blob[middle] ^= 0xFF
@@ -301,7 +302,7 @@ def test_negative_zeros_are_stored_as_positive_zeros(portfolio, references, x):
     assert any(bool((torch.signbit(p) & (p == 0)).any()) for p in ref.parameters())
     rt = PortfolioRuntime(portfolio, profile_batch_sizes=None)
     rt.switch_to("l1")
-    live = rt._variants["l1"].module
+    live = rt.variant_module("l1")
     assert not any(bool((torch.signbit(p) & (p == 0)).any()) for p in live.parameters())
     torch.testing.assert_close(rt(x), _ref(references, "l1", x), rtol=0, atol=0)
 

@@ -19,7 +19,8 @@ from dnnshifter_lightning.serve.policy import LoadPolicy
 from dnnshifter_lightning.portfolio import write_manifest
 from dnnshifter_lightning.serve.runtime import PortfolioRuntime
 from dnnshifter_lightning.serve.served import resolve_served_set
-from dnnshifter_lightning.serve.torchserve import PIN_HEADER, ServingError, build_archive
+from dnnshifter_lightning.serve.defaults import PIN_HEADER
+from dnnshifter_lightning.serve.torchserve import ServingError, build_archive
 from serve_fixtures import build_test_portfolio, digits_samples, json_body
 from test_policy import PROFILES, FakeClock, poisson, simulate
 
@@ -65,7 +66,8 @@ def test_default_served_set_is_the_front_and_dominated_variants_are_not_resident
     assert handler.runtime.variant_ids == ["level_00", "level_02"]
     assert handler.policy.variant_ids == ["level_00", "level_02"]
     assert handler.runtime.portfolio_ids == ["level_00", "level_02", "level_01"]
-    assert set(handler.runtime._variants) == {"level_00", "level_02"}  # level_01 was never loaded
+    with pytest.raises(ValueError, match="not served"):  # level_01 was never loaded
+        handler.runtime.variant_memory("level_01")
     served = json.loads(caplog.text.split("DNNSHIFTER_SERVED ", 1)[1].splitlines()[0])
     assert served["dominated"] == ["level_01"] and served["floor"] == pytest.approx(0.9 * 0.97)
     memory = json.loads(caplog.text.split("DNNSHIFTER_MEMORY ", 1)[1].splitlines()[0])

@@ -19,11 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnnshifter_lightning.serve import torchserve as serving
+from dnnshifter_lightning import cli
+from dnnshifter_lightning.loadgen import run_load
 from dnnshifter_lightning.portfolio import VARIANT_SUFFIX
+from dnnshifter_lightning.serve import torchserve as serving
+from dnnshifter_lightning.serve.defaults import MAX_REQUEST_BYTES, PIN_HEADER
 from dnnshifter_lightning.serve.runtime import PortfolioRuntime
 from dnnshifter_lightning.serve.torchserve import (
-    PIN_HEADER, JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches, run_load,
+    JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches,
 )
 from serve_fixtures import (
     bomb_png, digits_samples, json_body, png_body, small_image,
@@ -170,7 +173,7 @@ def test_images_are_png_or_jpeg_and_pixels_are_capped_before_decoding(server, lo
 
 
 def test_bodies_over_max_request_size_are_refused(server):
-    status, _ = server.predict(MODEL, b"{" + b" " * serving.MAX_REQUEST_BYTES + b"}")
+    status, _ = server.predict(MODEL, b"{" + b" " * MAX_REQUEST_BYTES + b"}")
     assert status == 413
     assert "max_request_size=8388608" in (server.workdir / "config.properties").read_text()
     assert server.predict(MODEL, json_body(digits_samples(1)[0][0]))[0] == 200
@@ -327,7 +330,7 @@ def test_missing_java_says_how_to_install_it(monkeypatch, tmp_path):
 def test_serve_command_starts_with_auth_and_stop_command_stops(store, tmp_path, monkeypatch):
     monkeypatch.setenv("DNNSHIFTER_HOME", str(tmp_path / "home"))
     ports = {k: serving.free_port() for k in ("inference_port", "management_port", "metrics_port")}
-    info = serving.serve_command(store, MODEL, **ports)
+    info = cli.serve_command(store, MODEL, **ports)
     try:
         keys = json.loads(Path(info["key_file"]).read_text())
         x, _ = digits_samples(1)
@@ -343,9 +346,9 @@ def test_serve_command_starts_with_auth_and_stop_command_stops(store, tmp_path, 
                                          headers=mgmt)
             assert status == 405, (url, status, body[:300])
         with pytest.raises(SystemExit):  # a second server is refused while one runs
-            serving.serve_command(store, MODEL)
+            cli.serve_command(store, MODEL)
     finally:
-        assert serving.serve_stop_command() is True
+        assert cli.serve_stop_command() is True
     assert not (tmp_path / "home" / "serve.json").exists()
     deadline = time.monotonic() + 30
     while True:
@@ -374,7 +377,7 @@ def test_stop_never_signals_a_process_it_cannot_verify_as_its_torchserve(tmp_pat
         from rich.console import Console
 
         console = Console(record=True, width=300)
-        assert serving.serve_stop_command(console) is False
+        assert cli.serve_stop_command(console) is False
         text = console.export_text()
         assert "not stopping anything" in text and "not a TorchServe frontend" in text, text
         assert bystander.poll() is None, "the unrelated process was signalled"
@@ -382,7 +385,7 @@ def test_stop_never_signals_a_process_it_cannot_verify_as_its_torchserve(tmp_pat
         # nor is one with the right pid but another start time (a recycled pid)
         state["pid_create_time"] -= 10
         (home / "serve.json").write_text(json.dumps(state))
-        assert serving.serve_stop_command(Console(record=True, width=300)) is False
+        assert cli.serve_stop_command(Console(record=True, width=300)) is False
         assert bystander.poll() is None
     finally:
         os.killpg(bystander.pid, signal.SIGKILL)

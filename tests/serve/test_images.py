@@ -68,7 +68,7 @@ except ImageRejected as exc:
     print(exc.status)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parent.parent)
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.split() == ["413"], out.stdout + out.stderr[-2000:]
 
 
