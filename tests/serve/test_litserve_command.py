@@ -26,7 +26,7 @@ from serve_fixtures import digits_samples, json_body
 pytest.importorskip("litserve")
 pytestmark = pytest.mark.litserve
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = "max_batch_size: 8\nbatch_timeout: 0.02\nprofile_batch_sizes: [1]\ntorch_threads: 1\n"
 
 
