@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -104,13 +103,7 @@ def portfolio_show(directory: Path = typer.Argument(..., help="Portfolio directo
 
 _STDOUT = console
 
-
-def state_dir() -> Path:
-    """Where ``dnnshifter serve`` keeps its server's working dir and state: ``$DNNSHIFTER_HOME`` or
-    ``$XDG_CACHE_HOME/dnnshifter`` (default ``~/.cache/dnnshifter``)."""
-    if os.environ.get("DNNSHIFTER_HOME"):
-        return Path(os.environ["DNNSHIFTER_HOME"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dnnshifter"
+from dnnshifter_lightning.serve.defaults import state_dir  # noqa: E402  (the servers' state, shared)
 
 
 def _exit(out: Console, exc: Exception) -> SystemExit:

@@ -8,6 +8,8 @@ share it without importing each other.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["DEFAULT_MODEL_CONFIG", "INITIAL_SWITCH_REASON", "MAX_REQUEST_BYTES", "PIN_HEADER", "default_model_config"]
@@ -59,3 +61,11 @@ def default_model_config(overrides: Mapping[str, Any] | None = None) -> dict[str
     20
     """
     return _merge(DEFAULT_MODEL_CONFIG, overrides or {})
+
+
+def state_dir() -> Path:
+    """Where ``dnnshifter serve`` and ``dnnshifter litserve`` keep their state (working dirs, keys):
+    ``$DNNSHIFTER_HOME`` or ``$XDG_CACHE_HOME/dnnshifter`` (default ``~/.cache/dnnshifter``)."""
+    if os.environ.get("DNNSHIFTER_HOME"):
+        return Path(os.environ["DNNSHIFTER_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dnnshifter"

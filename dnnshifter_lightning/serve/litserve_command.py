@@ -3,7 +3,7 @@
 * It binds 127.0.0.1 unless ``--host`` says otherwise. ``0.0.0.0`` (or ``::``) listens on every
   interface, and is refused unless ``--api-key KEY`` gives the key that clients elsewhere will send.
 * Auth is on: without ``--api-key`` it generates a key and writes it, readable by you only (0600),
-  to ``$DNNSHIFTER_HOME/litserve/api_key`` (see :func:`~dnnshifter_lightning.serve.torchserve.state_dir`).
+  to ``$DNNSHIFTER_HOME/litserve/api_key`` (see :func:`~dnnshifter_lightning.serve.defaults.state_dir`).
   Clients send it as ``X-API-Key``. ``--no-auth`` turns auth off, on loopback only.
 * ``--config my.yaml`` takes the TorchServe handler's options (policy settings, ``slo_ms``,
   ``fixed_variant``, ``memory_budget_mb``, ``min_accuracy``, ``variants``, ...) and LitServe's
@@ -145,9 +145,12 @@ def litserve_command(portfolio: Path, *, host: str = "127.0.0.1", port: int = 80
     ValueError: --workers-per-device must be >= 1, got 0
     """
     from dnnshifter_lightning.serve.core import LITSERVE_BATCHING, read_options_file
-    from dnnshifter_lightning.serve.torchserve import _console, state_dir
+    from dnnshifter_lightning.serve.defaults import state_dir
 
-    console = _console(console)
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
     bind = check_bind(host, api_key, no_auth)
     if not 1024 <= port <= 65535:
         raise ValueError(f"--port {port}: LitServe takes a port from 1024 to 65535")

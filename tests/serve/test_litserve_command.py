@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dnnshifter_lightning.cli import app
-from dnnshifter_lightning.serve.torchserve import _http, _port_is_free, free_port
+from dnnshifter_lightning.serve.torchserve import _http, port_is_free, free_port
 
 from serve_fixtures import digits_samples, json_body
 
@@ -177,7 +177,7 @@ def test_ctrl_c_stops_the_server_and_its_workers(cli):  # last: it stops the mod
     while True:
         ps = subprocess.run(["ps", "-o", "stat=", "-g", str(cli.proc.pid)], capture_output=True, text=True).stdout
         alive = [s for s in ps.split() if not s.startswith("Z")]
-        if not alive and _port_is_free(cli.port):
+        if not alive and port_is_free(cli.port):
             break
         assert time.monotonic() < deadline, f"still running after Ctrl-C: {ps}"
         time.sleep(0.2)
