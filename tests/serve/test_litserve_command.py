@@ -153,7 +153,7 @@ def test_metrics_show_the_switches_after_a_burst(cli):
     headers = {"X-API-Key": _key(cli)}
     stepped_down = None
     for _ in range(15):  # a sustained burst in 1 s slices, until a cheaper variant answers
-        res = run_load(cli.port, "/predict", bodies, concurrency=16, duration_s=1.0, max_requests=5000,
+        res = run_load(cli.port, "/predict", bodies, concurrency=48, duration_s=1.0, max_requests=5000,
                        headers=headers)
         assert res and all(r.status == 200 for r in res)
         stepped_down = next((r.variant for r in res if r.variant != "level_00"), None)
