@@ -122,3 +122,12 @@ def small_image(fmt: str, size: tuple[int, int] = (8, 8)) -> bytes:
     Image.new("L", size, 128).save(buf, format=fmt)
     return buf.getvalue()
 
+
+
+def assert_matches_local(local, x, reply):
+    """A server's ``reply`` to input ``x`` equals local inference with the variant it names."""
+    logits, vid = local.infer(x.unsqueeze(0), reply["variant"])
+    assert vid == reply["variant"]
+    expected = torch.softmax(logits[0].float(), dim=0)
+    assert reply["label"] == int(expected.argmax())
+    assert torch.allclose(torch.tensor(reply["scores"]), expected, atol=1e-4)

@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dnnshifter_lightning.serve.runtime import PortfolioRuntime
 from dnnshifter_lightning.serve.defaults import PIN_HEADER
 from dnnshifter_lightning.serve.torchserve import _http, free_port
 
-from serve_fixtures import digits_samples, json_body, png_body, small_image
+from serve_fixtures import assert_matches_local, digits_samples, json_body, png_body, small_image
 
 pytest.importorskip("litserve")
 pytestmark = pytest.mark.litserve
@@ -115,14 +114,6 @@ def _post(port: int, body: bytes, headers: dict | None = None, path: str = "/pre
     return status, json.loads(raw)
 
 
-def _assert_matches_local(local, x, reply):
-    logits, vid = local.infer(x.unsqueeze(0), reply["variant"])
-    assert vid == reply["variant"]
-    expected = torch.softmax(logits[0].float(), dim=0)
-    assert reply["label"] == int(expected.argmax())
-    assert torch.allclose(torch.tensor(reply["scores"]), expected, atol=1e-4)
-
-
 def _healthy(port: int) -> None:
     assert _http("GET", port, "/health")[0] == 200
     x, _ = digits_samples(1)
@@ -136,7 +127,7 @@ def test_predictions_equal_local_inference_with_the_serving_variant(server, loca
         status, reply = _post(server, json_body(x[i]), {"Content-Type": "application/json"})
         assert status == 200, reply
         assert reply["variant"] in local.variant_ids and len(reply["scores"]) == 10
-        _assert_matches_local(local, x[i], reply)
+        assert_matches_local(local, x[i], reply)
 
 
 def test_png_request(server, local):
@@ -145,7 +136,7 @@ def test_png_request(server, local):
         png, decoded = png_body(x[i])
         status, reply = _post(server, png, {"Content-Type": "image/png"})
         assert status == 200, reply
-        _assert_matches_local(local, decoded, reply)
+        assert_matches_local(local, decoded, reply)
 
 
 def test_each_bad_input_gets_a_4xx_and_the_rest_of_the_batch_is_answered(server, local):
@@ -170,7 +161,7 @@ def test_each_bad_input_gets_a_4xx_and_the_rest_of_the_batch_is_answered(server,
     for i, (status, reply) in results.items():
         if i % 2 == 0:
             assert status == 200, reply
-            _assert_matches_local(local, x[i % 4], reply)
+            assert_matches_local(local, x[i % 4], reply)
         else:
             assert 400 <= status < 500 and "error" in reply, (i, status, reply)
     _healthy(server)
@@ -185,7 +176,7 @@ def test_pin_header_serves_the_pinned_variant(server, local):
                 break
             time.sleep(1.0)
         assert status == 200 and reply["variant"] == vid, reply
-        _assert_matches_local(local, x[1], reply)
+        assert_matches_local(local, x[1], reply)
     status, reply = _post(server, json_body(x[1]), {PIN_HEADER: "no_such_variant"})
     assert status == 400 and "no_such_variant" in reply["error"]
 
@@ -195,7 +186,7 @@ def test_fixed_variant_serves_only_that_variant(server, local):
     for i in range(len(x)):
         status, reply = _post(server, json_body(x[i]), path="/fixed")
         assert status == 200 and reply["variant"] == local.variant_ids[-1], reply
-        _assert_matches_local(local, x[i], reply)
+        assert_matches_local(local, x[i], reply)
 
 
 def test_options_are_checked_before_any_worker_starts(portfolio):
@@ -216,7 +207,7 @@ def test_readme_litserve_example_runs_as_written(portfolio, local, tmp_path):
         x, _ = digits_samples(1)
         status, reply = _post(port, json_body(x[0]))
         assert status == 200, reply
-        _assert_matches_local(local, x[0], reply)
+        assert_matches_local(local, x[0], reply)
 
 
 def test_burst_steps_down_and_light_load_climbs_back(server, local):

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dnnshifter_lightning import cli
 from dnnshifter_lightning.loadgen import run_load
@@ -29,7 +28,7 @@ from dnnshifter_lightning.serve.torchserve import (
     JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches,
 )
 from serve_fixtures import (
-    bomb_png, digits_samples, json_body, png_body, small_image,
+    assert_matches_local, bomb_png, digits_samples, json_body, png_body, small_image,
 )
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -66,21 +65,13 @@ def _reply(status_body):
     return json.loads(body)
 
 
-def _assert_matches_local(local, x, reply):
-    logits, vid = local.infer(x.unsqueeze(0), reply["variant"])
-    assert vid == reply["variant"]
-    expected = torch.softmax(logits[0].float(), dim=0)
-    assert reply["label"] == int(expected.argmax())
-    assert torch.allclose(torch.tensor(reply["scores"]), expected, atol=1e-4)
-
-
 def test_predictions_equal_local_inference_with_the_serving_variant(server, local):
     x, _ = digits_samples(12)
     for i in range(len(x)):
         reply = _reply(server.predict(MODEL, json_body(x[i]), {"Content-Type": "application/json"}))
         assert reply["variant"] in local.variant_ids
         assert len(reply["scores"]) == 10
-        _assert_matches_local(local, x[i], reply)
+        assert_matches_local(local, x[i], reply)
 
 
 def test_png_request(server, local):
@@ -89,7 +80,7 @@ def test_png_request(server, local):
         png, decoded = png_body(x[i])
         assert png[:4] == b"\x89PNG"
         reply = _reply(server.predict(MODEL, png, {"Content-Type": "image/png"}))
-        _assert_matches_local(local, decoded, reply)
+        assert_matches_local(local, decoded, reply)
 
 
 def _pinned(server, body, vid):
@@ -108,7 +99,7 @@ def test_pin_header_serves_the_pinned_variant(server, local):
     for vid in local.variant_ids:
         reply = _reply(_pinned(server, json_body(x[1]), vid))
         assert reply["variant"] == vid
-        _assert_matches_local(local, x[1], reply)
+        assert_matches_local(local, x[1], reply)
     status, body = server.predict(MODEL, json_body(x[1]), {PIN_HEADER: "no_such_variant"})
     assert status == 400 and "no_such_variant" in json.loads(body)["error"]
 
@@ -200,7 +191,7 @@ def test_each_bad_input_gets_an_error_and_the_server_keeps_serving(server, local
         t.join(60)
     for i, (status, body) in results.items():
         if i % 2 == 0:
-            _assert_matches_local(local, x[i % 4], _reply((status, body)))
+            assert_matches_local(local, x[i % 4], _reply((status, body)))
         else:
             assert 400 <= status < 500, body[:200]
     assert len(results) == 16
@@ -298,7 +289,7 @@ def test_fixed_variant_from_archive_config(server, portfolio, store, local):
         for i in range(4):
             reply = _reply(server.predict("fixed", json_body(x[i])))
             assert reply["variant"] == local.variant_ids[-1]
-            _assert_matches_local(local, x[i], reply)
+            assert_matches_local(local, x[i], reply)
     finally:
         server.management("DELETE", "/models/fixed")
 
