@@ -20,7 +20,7 @@ What loading checks (every failure is a :class:`PortfolioError` naming the file)
   references, sizes) are validated before any tensor is materialised, and the graph is dry-run on
   ``meta`` tensors, bounding its activations.
 
-Every write is atomic: a temp file in the same directory, then :func:`os.replace`. The builder writes
+Every write is atomic (:func:`~dnnshifter_lightning._atomic.atomic_write`). The builder writes
 the manifest last, so a crash mid-build never leaves a manifest pointing at missing files.
 
 For cheap switching, :class:`~dnnshifter_lightning.serve.runtime.PortfolioRuntime` splits a loaded
@@ -40,7 +40,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -48,7 +47,6 @@ import math
 import os
 import re
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -58,12 +56,13 @@ import zstandard
 from torch import nn
 
 from dnnshifter_lightning import graph as _graph
+from dnnshifter_lightning._atomic import atomic_write
 from dnnshifter_lightning.graph import GraphError
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "VARIANT_SUFFIX", "PortfolioError",
     "save_variant", "load_variant", "write_manifest", "read_manifest", "verify_portfolio",
-    "validate_manifest", "sort_variants", "variant_state", "atomic_write_bytes", "pareto_front", "profiles_from_manifest", "load_json",
+    "validate_manifest", "sort_variants", "variant_state", "pareto_front", "profiles_from_manifest", "load_json",
     "MAX_MANIFEST_BYTES", "MAX_VARIANT_BYTES", "MAX_HEADER_BYTES", "INPUT_DTYPES",
 ]
 
@@ -114,35 +113,6 @@ class PortfolioError(ValueError):
 
 # ----------------------------------------------------------------------------------------- writing
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync, ``os.replace``.
-
-    Missing parent directories are created. Readers see the old file or the new one, never a part.
-
-    Example::
-
-        >>> import tempfile
-        >>> from pathlib import Path
-        >>> path = Path(tempfile.mkdtemp()) / "sub" / "blob.bin"
-        >>> atomic_write_bytes(path, b"hello")
-        >>> path.read_bytes(), [p.name for p in path.parent.iterdir()]   # no temp file left behind
-        (b'hello', ['blob.bin'])
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def export_variant(module: nn.Module, example_input: torch.Tensor) -> torch.export.ExportedProgram:
     """Export ``module`` (put in eval mode) with a dynamic batch dimension (min 1).
 
@@ -183,7 +153,7 @@ def save_variant(module: nn.Module, example_input: torch.Tensor, path: str | os.
     if len(raw) > MAX_VARIANT_BYTES:
         raise PortfolioError(f"{path}: the variant is {len(raw)} bytes, more than MAX_VARIANT_BYTES={MAX_VARIANT_BYTES}")
     data = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=True).compress(raw)
-    atomic_write_bytes(path, data)
+    atomic_write(path, data)
     return {"file": Path(path).name, "bytes_raw": len(raw), "bytes_compressed": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -679,7 +649,7 @@ def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) 
     d = Path(directory)
     validate_manifest(manifest, d)
     path = d / MANIFEST_NAME
-    atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
 
 

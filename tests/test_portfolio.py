@@ -14,7 +14,9 @@ import torch
 import zstandard
 from torch import nn
 
+from dnnshifter_lightning import _atomic
 from dnnshifter_lightning import portfolio as pf
+from dnnshifter_lightning._atomic import atomic_write
 from dnnshifter_lightning.demo.models import DigitsCNN
 from dnnshifter_lightning.portfolio import PortfolioError
 from dnnshifter_lightning.shrink.measure import (
@@ -207,6 +209,20 @@ def test_manifest_invalid_json(tmp_path: Path) -> None:
         pf.read_manifest(tmp_path)
 
 
+def test_interrupted_atomic_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path, monkeypatch) -> None:
+    path = atomic_write(tmp_path / "sub" / "f.txt", "old é")  # str is written as UTF-8; parents are made
+    assert path.read_bytes() == "old é".encode()
+
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_atomic.os, "fsync", interrupted)  # after the new bytes are in the temp file
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, b"new")
+    assert path.read_bytes() == "old é".encode()
+    assert [p.name for p in path.parent.iterdir()] == ["f.txt"]
+
+
 def test_failed_manifest_write_leaves_old_manifest_and_no_temp_file(tmp_path: Path, monkeypatch) -> None:
     old = _manifest(_variant("a", 0.9))
     pf.write_manifest(tmp_path, old)
@@ -215,7 +231,7 @@ def test_failed_manifest_write_leaves_old_manifest_and_no_temp_file(tmp_path: Pa
     def boom(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(pf.os, "fsync", boom)  # fails after the bytes are written to the temp file
+    monkeypatch.setattr(_atomic.os, "fsync", boom)  # fails after the bytes are written to the temp file
     with pytest.raises(OSError, match="disk full"):
         pf.write_manifest(tmp_path, _manifest(_variant("b", 0.5)))
     assert (tmp_path / "manifest.json").read_bytes() == before
@@ -223,7 +239,7 @@ def test_failed_manifest_write_leaves_old_manifest_and_no_temp_file(tmp_path: Pa
 
 
 def test_failed_variant_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(pf.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("crash")))
+    monkeypatch.setattr(_atomic.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("crash")))
     with pytest.raises(OSError, match="crash"):
         pf.save_variant(nn.Linear(3, 2), torch.zeros(2, 3), tmp_path / "v.safetensors.zst")
     assert list(tmp_path.iterdir()) == []

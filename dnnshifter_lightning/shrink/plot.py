@@ -16,11 +16,13 @@ Example::
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+from dnnshifter_lightning._atomic import atomic_write
 from dnnshifter_lightning.portfolio import pareto_front
 
 __all__ = ["plot_portfolio", "plot_points"]
@@ -143,10 +145,7 @@ def plot_portfolio(manifest: dict[str, Any], path: str | os.PathLike[str]) -> Pa
     fig.suptitle(f"DNNShifter portfolio: {len(variants)} variants, {n_front} on the front; latency on "
                  f"{build.get('latency_threads', '?')} thread(s), "
                  f"torch {build.get('torch_version', '?')}{note}", fontsize=10)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(path, png.getvalue())

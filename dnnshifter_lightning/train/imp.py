@@ -38,9 +38,9 @@ Example::
 from __future__ import annotations
 
 import copy
+import io
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -52,6 +52,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from dnnshifter_lightning._atomic import atomic_write
 from dnnshifter_lightning.train.masks import (
     DEFAULT_PRUNABLE_TYPES,
     MaskEnforcer,
@@ -120,17 +121,9 @@ def _cpu_clone(obj: Any) -> Any:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def _validation_metrics(trainer: L.Trainer) -> dict[str, float]:
