@@ -62,7 +62,7 @@ from dnnshifter_lightning.graph import GraphError
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "VARIANT_SUFFIX", "PortfolioError",
     "save_variant", "load_variant", "write_manifest", "read_manifest", "verify_portfolio",
-    "validate_manifest", "sort_variants", "variant_state", "pareto_front", "profiles_from_manifest", "load_json",
+    "validate_manifest", "sort_variants", "variant_state", "random_batch", "load_json",
     "MAX_MANIFEST_BYTES", "MAX_VARIANT_BYTES", "MAX_HEADER_BYTES", "INPUT_DTYPES",
 ]
 
@@ -393,6 +393,27 @@ def variant_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------- manifest
 
+def random_batch(input_spec: Mapping[str, Any], n: int, *, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A batch of ``n`` standard-normal inputs shaped by a manifest's ``input_spec``.
+
+    The values are drawn in float32 on the CPU (from ``generator``, else the global RNG), then moved
+    to ``device`` and cast to ``dtype`` (default: ``input_spec["dtype"]``, else float32).
+
+    Args:
+        input_spec: the manifest's ``input_spec`` (``shape`` without the batch dimension, ``dtype``).
+        n: the batch size.
+        generator: the random generator to draw from.
+        device: where the batch goes (default: the CPU).
+        dtype: the batch's dtype.
+
+    Raises:
+        KeyError: ``input_spec`` has no ``shape``, or names a dtype not in :data:`INPUT_DTYPES`.
+    """
+    dtype = dtype or INPUT_DTYPES[input_spec.get("dtype", "float32")]
+    return torch.randn(n, *input_spec["shape"], generator=generator).to(device=device, dtype=dtype)
+
+
 def sort_variants(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Most to least accurate; ties by smaller compressed size, then lower batch-1 latency.
 
@@ -416,59 +437,6 @@ def sort_variants(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return (acc is None, -(acc or 0.0), v.get("level", 0) if acc is None else 0,
                 v.get("bytes_compressed", 0), lat)
     return sorted(variants, key=key)
-
-
-def _b8_latency(v: Mapping[str, Any]) -> float | None:
-    lat = (v.get("latency_ms") or {}).get("8")
-    return float(lat) if isinstance(lat, (int, float)) and not isinstance(lat, bool) else None
-
-
-def pareto_front(variants: Sequence[Mapping[str, Any]], keep: Sequence[str] = ()) -> list[str]:
-    """Ids of the variants on the accuracy/latency front, in the given order (most to least accurate).
-
-    A variant is dominated when another one is at least as accurate and at most as slow at batch 8
-    (``latency_ms["8"]``, measured when the portfolio was built), and strictly better in one of the
-    two. A dominated variant buys no speed for the accuracy it loses, so it is never worth serving:
-    the archive, the handler and the policy serve the front by default, and the plot and
-    ``dnnshifter portfolio show`` mark it. Variants without a measured accuracy or batch-8 latency are
-    all kept (nothing says they are dominated), as are the ids in ``keep``.
-
-    Example::
-
-        >>> pareto_front([{"id": "a", "accuracy": 0.99, "latency_ms": {"8": 10.0}},
-        ...               {"id": "b", "accuracy": 0.98, "latency_ms": {"8": 12.0}},
-        ...               {"id": "c", "accuracy": 0.95, "latency_ms": {"8": 4.0}}])
-        ['a', 'c']
-    """
-    def measured(v: Mapping[str, Any]) -> bool:
-        return v.get("accuracy") is not None and _b8_latency(v) is not None
-
-    def dominated(v: Mapping[str, Any]) -> bool:
-        if not measured(v):
-            return False
-        acc, lat = v["accuracy"], _b8_latency(v)
-        for o in variants:
-            if o is v or not measured(o):
-                continue
-            o_acc, o_lat = o["accuracy"], _b8_latency(o)
-            if o_acc >= acc and o_lat <= lat and (o_acc > acc or o_lat < lat):
-                return True
-        return False
-
-    return [v["id"] for v in variants if v["id"] in keep or not dominated(v)]
-
-
-def profiles_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[int, float]]:
-    """Latency profiles (seconds) from a portfolio manifest's ``latency_ms`` (measured at build time).
-
-    Example::
-
-        >>> manifest = {"variants": [{"id": "level_00", "latency_ms": {"1": 2.0, "8": 6.5}},
-        ...                          {"id": "level_04", "latency_ms": {"1": 0.5, "8": 1.5}}]}
-        >>> profiles_from_manifest(manifest)
-        {'level_00': {1: 0.002, 8: 0.0065}, 'level_04': {1: 0.0005, 8: 0.0015}}
-    """
-    return {v["id"]: {int(b): float(ms) / 1000.0 for b, ms in v["latency_ms"].items()} for v in manifest["variants"]}
 
 
 def _fail(directory: Path, why: str) -> PortfolioError:

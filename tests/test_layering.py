@@ -33,7 +33,8 @@ def test_the_core_imports_with_the_frameworks_blocked():
             importlib.import_module("dnnshifter_lightning." + name)
         from dnnshifter_lightning import PortfolioRuntime, prune_structurally  # the public names
         from dnnshifter_lightning.serve.policy import LoadPolicy, PolicyConfig
-        from dnnshifter_lightning.portfolio import profiles_from_manifest, read_manifest, verify_portfolio
+        from dnnshifter_lightning.portfolio import read_manifest, verify_portfolio
+        from dnnshifter_lightning.serve.runtime import profiles_from_manifest
         import torch
         result = prune_structurally(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 4))
         assert result.max_abs_diff == 0.0

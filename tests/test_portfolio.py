@@ -329,3 +329,12 @@ def test_single_output_variant_is_the_graph_interpreter(saved: tuple[nn.Module, 
     assert type(loaded) is GraphVariant
     assert isinstance(loaded(torch.randn(1, 1, 8, 8)), torch.Tensor)
     assert set(pf.variant_state(loaded)) == set(model.state_dict())
+
+
+def test_random_batch_follows_the_input_spec() -> None:
+    spec = {"shape": [1, 8, 8], "dtype": "float16"}
+    x = pf.random_batch(spec, 5, generator=torch.Generator().manual_seed(0))
+    assert (x.shape, x.dtype, x.device.type) == ((5, 1, 8, 8), torch.float16, "cpu")
+    # float32 draws, then the cast: the same values as torch.randn with the same generator
+    assert torch.equal(x, torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)).half())
+    assert pf.random_batch({"shape": [3]}, 2, dtype=torch.float64).dtype == torch.float64

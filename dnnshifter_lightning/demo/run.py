@@ -76,7 +76,7 @@ class LadderReport:
 
 def ladder_report(manifest: dict[str, Any], val_samples: int | None,
                   criteria: dict[str, float] | None = None) -> LadderReport:
-    """Check a portfolio manifest's front (:func:`~dnnshifter_lightning.portfolio.pareto_front`) against the ladder criteria.
+    """Check a portfolio manifest's front (:func:`~dnnshifter_lightning.serve.served.pareto_front`) against the ladder criteria.
 
     ``val_samples`` is the size of the validation set the accuracies were measured on (the manifest
     does not record it); with ``None`` the sample criterion cannot be checked and is reported unmet.
@@ -93,7 +93,7 @@ def ladder_report(manifest: dict[str, Any], val_samples: int | None,
         >>> ladder_report({"variants": flat}, val_samples=360).problems
         ['accuracy spread 0.3 points < 3', 'accuracy spread 1 validation samples < 10', 'latency spread 1.7x < 3x']
     """
-    from dnnshifter_lightning.portfolio import pareto_front
+    from dnnshifter_lightning.serve.served import pareto_front
 
     want = {**LADDER_CRITERIA, **(criteria or {})}
     variants = manifest["variants"]

@@ -31,11 +31,11 @@ from typing import Any, Mapping
 
 import torch
 
-from dnnshifter_lightning.portfolio import profiles_from_manifest, read_manifest
+from dnnshifter_lightning.portfolio import read_manifest
 from dnnshifter_lightning.serve.defaults import default_model_config
 from dnnshifter_lightning.serve.images import ImageRejected, decode_image, install_bomb_guard
 from dnnshifter_lightning.serve.policy import LoadPolicy, PolicyConfig
-from dnnshifter_lightning.serve.runtime import PinThrottled, PortfolioRuntime, SwitchError
+from dnnshifter_lightning.serve.runtime import PinThrottled, PortfolioRuntime, SwitchError, profiles_from_manifest
 from dnnshifter_lightning.serve.served import ServedSet, resolve_served_set
 
 logger = logging.getLogger(__name__)

@@ -63,21 +63,37 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import zstandard
 from torch import nn
 
 from dnnshifter_lightning.portfolio import (
-    INPUT_DTYPES, PortfolioError, load_variant, profiles_from_manifest, variant_state, verify_portfolio,
+    PortfolioError, load_variant, random_batch, variant_state, verify_portfolio,
 )
 
-__all__ = ["PortfolioRuntime", "SwitchRecord", "VariantMemory", "SwitchError", "PinThrottled", "PortfolioError"]
+__all__ = ["PortfolioRuntime", "SwitchRecord", "VariantMemory", "SwitchError", "PinThrottled", "PortfolioError",
+           "profiles_from_manifest"]
 
 logger = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
+
+
+def profiles_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[int, float]]:
+    """Latency profiles (seconds) from a portfolio manifest's ``latency_ms`` (measured at build time).
+
+    Example::
+
+        >>> manifest = {"variants": [{"id": "level_00", "latency_ms": {"1": 2.0, "8": 6.5}},
+        ...                          {"id": "level_04", "latency_ms": {"1": 0.5, "8": 1.5}}]}
+        >>> profiles_from_manifest(manifest)
+        {'level_00': {1: 0.002, 8: 0.0065}, 'level_04': {1: 0.0005, 8: 0.0015}}
+    """
+    return {v["id"]: {int(b): float(ms) / 1000.0 for b, ms in v["latency_ms"].items()} for v in manifest["variants"]}
+
+
 _ALIGN = 64  # byte alignment of every tensor in the flat buffer (dtype views need it; SIMD likes it)
 
 
@@ -658,9 +674,7 @@ class PortfolioRuntime:
     # -------------------------------------------------------------------------------- profiling
     def example_batch(self, batch_size: int) -> torch.Tensor:
         """A random batch shaped by the manifest's ``input_spec``."""
-        spec = self.manifest["input_spec"]
-        dtype = INPUT_DTYPES[spec.get("dtype", "float32")]
-        return torch.randn(batch_size, *spec["shape"]).to(device=self.device, dtype=dtype)
+        return random_batch(self.manifest["input_spec"], batch_size, device=self.device)
 
     def measure_profiles(self, batch_sizes: Sequence[int] = (1, 8), warmup: int = 3,
                          repeats: int = 10) -> dict[str, dict[int, float]]:

@@ -3,7 +3,7 @@
 A portfolio lists every variant its build produced; a server should hold only those worth serving.
 :func:`resolve_served_set` decides, from the manifest's variants (most to least accurate):
 
-* **selection** ``"front"`` (default): the accuracy/latency front (:func:`portfolio.pareto_front`).
+* **selection** ``"front"`` (default): the accuracy/latency front (:func:`pareto_front`).
   A dominated variant buys no speed for the accuracy it loses, so the runtime never loads it.
   ``"all"``: every variant. A list of ids: exactly those (unknown ids are an error listing the valid ones).
 * **the accuracy floor** ``min_accuracy``: no variant below it is served, whatever the load. The
@@ -35,9 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from dnnshifter_lightning.portfolio import pareto_front
-
-__all__ = ["ServedSet", "resolve_served_set", "parse_selection", "DEFAULT_FLOOR_FRACTION"]
+__all__ = ["ServedSet", "resolve_served_set", "parse_selection", "pareto_front", "DEFAULT_FLOOR_FRACTION"]
 
 #: The default accuracy floor, as a fraction of the best variant's validation accuracy.
 DEFAULT_FLOOR_FRACTION = 0.9
@@ -191,3 +189,43 @@ def resolve_served_set(variants: Sequence[Mapping[str, Any]], selection: Any = "
                          f"add it to `variants`")
     return ServedSet(tuple(ids), kind, floor, rule, True, tuple(dominated), tuple(below), tuple(unmeasured),
                      tuple(warnings))
+
+
+def _b8_latency(v: Mapping[str, Any]) -> float | None:
+    lat = (v.get("latency_ms") or {}).get("8")
+    return float(lat) if isinstance(lat, (int, float)) and not isinstance(lat, bool) else None
+
+
+def pareto_front(variants: Sequence[Mapping[str, Any]], keep: Sequence[str] = ()) -> list[str]:
+    """Ids of the variants on the accuracy/latency front, in the given order (most to least accurate).
+
+    A variant is dominated when another one is at least as accurate and at most as slow at batch 8
+    (``latency_ms["8"]``, measured when the portfolio was built), and strictly better in one of the
+    two. A dominated variant buys no speed for the accuracy it loses, so it is never worth serving:
+    the archive, the handler and the policy serve the front by default, and the plot and
+    ``dnnshifter portfolio show`` mark it. Variants without a measured accuracy or batch-8 latency are
+    all kept (nothing says they are dominated), as are the ids in ``keep``.
+
+    Example::
+
+        >>> pareto_front([{"id": "a", "accuracy": 0.99, "latency_ms": {"8": 10.0}},
+        ...               {"id": "b", "accuracy": 0.98, "latency_ms": {"8": 12.0}},
+        ...               {"id": "c", "accuracy": 0.95, "latency_ms": {"8": 4.0}}])
+        ['a', 'c']
+    """
+    def measured(v: Mapping[str, Any]) -> bool:
+        return v.get("accuracy") is not None and _b8_latency(v) is not None
+
+    def dominated(v: Mapping[str, Any]) -> bool:
+        if not measured(v):
+            return False
+        acc, lat = v["accuracy"], _b8_latency(v)
+        for o in variants:
+            if o is v or not measured(o):
+                continue
+            o_acc, o_lat = o["accuracy"], _b8_latency(o)
+            if o_acc >= acc and o_lat <= lat and (o_acc > acc or o_lat < lat):
+                return True
+        return False
+
+    return [v["id"] for v in variants if v["id"] in keep or not dominated(v)]

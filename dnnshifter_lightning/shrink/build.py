@@ -453,7 +453,7 @@ def _fmt_pct(x: float | None) -> str:
 def portfolio_table(manifest: dict[str, Any], title: str = "portfolio") -> Table:
     """A rich table of the variants, most accurate first, with the sparse source alongside.
 
-    The ``front`` column marks the accuracy/latency front (:func:`~dnnshifter_lightning.portfolio.pareto_front`,
+    The ``front`` column marks the accuracy/latency front (:func:`~dnnshifter_lightning.serve.served.pareto_front`,
     validation accuracy against batch-8 latency) with ``*``; dominated variants are dimmed, and the
     caption says how many variants are on the front.
 
@@ -473,7 +473,7 @@ def portfolio_table(manifest: dict[str, Any], title: str = "portfolio") -> Table
         >>> from rich.console import Console
         >>> Console(width=200).print(table)  # doctest: +SKIP
     """
-    from dnnshifter_lightning.portfolio import pareto_front  # here, not at the top: keeps this change apart from the build's imports
+    from dnnshifter_lightning.serve.served import pareto_front  # here, not at the top: keeps this change apart from the build's imports
 
     front = set(pareto_front(manifest["variants"]))
     table = Table(title=title, caption=f"front (*): {len(front)} of {len(manifest['variants'])} variants "

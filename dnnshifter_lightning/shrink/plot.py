@@ -1,6 +1,6 @@
 """``portfolio.png``: accuracy against size and against batch-8 latency, with the front highlighted.
 
-The front is :func:`~dnnshifter_lightning.portfolio.pareto_front` (validation accuracy against
+The front is :func:`~dnnshifter_lightning.serve.served.pareto_front` (validation accuracy against
 batch-8 latency on the build machine), the set the server switches along: its members are joined by
 a line and labelled, dominated variants are greyed. Each variant's sparse source is a cross.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dnnshifter_lightning._atomic import atomic_write
-from dnnshifter_lightning.portfolio import pareto_front
+from dnnshifter_lightning.serve.served import pareto_front
 
 __all__ = ["plot_portfolio", "plot_points"]
 
@@ -31,7 +31,7 @@ __all__ = ["plot_portfolio", "plot_points"]
 def plot_points(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """What :func:`plot_portfolio` draws, one dict per variant in level order (pure Python).
 
-    ``front`` says whether the variant is on :func:`~dnnshifter_lightning.portfolio.pareto_front`
+    ``front`` says whether the variant is on :func:`~dnnshifter_lightning.serve.served.pareto_front`
     (drawn in colour, joined and labelled) or dominated (drawn grey). Accuracy is in percent, 0 when
     not measured.
 

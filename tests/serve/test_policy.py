@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dnnshifter_lightning.portfolio import profiles_from_manifest
+from dnnshifter_lightning.serve.runtime import profiles_from_manifest
 from dnnshifter_lightning.serve.policy import LatencyProfile, LoadPolicy, PolicyConfig
 
 # Four variants, most -> least accurate; seconds per batch of 1 and of 8.
@@ -400,7 +400,7 @@ def test_failed_switch_sync_and_cached_decision_not_repeated():
 
 
 def test_pareto_front_drops_variants_slower_and_no_more_accurate():
-    from dnnshifter_lightning.portfolio import pareto_front
+    from dnnshifter_lightning.serve.served import pareto_front
 
     def v(vid, acc, b8):
         return {"id": vid, "accuracy": acc, "latency_ms": {"1": b8 / 4, "8": b8}}
