@@ -94,6 +94,27 @@ def profiles_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[int, f
     return {v["id"]: {int(b): float(ms) / 1000.0 for b, ms in v["latency_ms"].items()} for v in manifest["variants"]}
 
 
+def _forward_seconds(module: nn.Module, batch: torch.Tensor, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls ``module(batch)``, after ``warmup`` untimed calls.
+
+    On CUDA each timed call runs to completion (kernels run asynchronously). The caller chooses the
+    grad mode. Same contract as ``shrink.measure.forward_seconds``: one can replace the other.
+    """
+    def sync() -> None:
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+
+    for _ in range(warmup):
+        module(batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        module(batch)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 _ALIGN = 64  # byte alignment of every tensor in the flat buffer (dtype views need it; SIMD likes it)
 
 
@@ -689,23 +710,11 @@ class PortfolioRuntime:
             with self._hold(vid, budgeted=False) as variant, torch.inference_mode():
                 profiles[vid] = {}
                 for b in batch_sizes:
-                    x = self.example_batch(int(b))
-                    for _ in range(warmup):
-                        variant.module(x)
-                    times = []
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        variant.module(x)
-                        self._sync()
-                        times.append(time.perf_counter() - t0)
+                    times = _forward_seconds(variant.module, self.example_batch(int(b)), warmup, repeats)
                     profiles[vid][int(b)] = statistics.median(times)
         self.profiles = profiles
         logger.info("measured latency profiles of %d variants in %.2fs", len(profiles), time.perf_counter() - started)
         return profiles
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":  # kernels run asynchronously: time them to completion
-            torch.cuda.synchronize(self.device)
 
     def __repr__(self) -> str:
         return (f"PortfolioRuntime({str(self.path)!r}, variants={self.variant_ids}, active={self.active_id!r}, "
