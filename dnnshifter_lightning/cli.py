@@ -34,7 +34,8 @@ app.add_typer(portfolio_app, name="portfolio")
 console = Console()
 
 
-def _fail(exc: Exception) -> None:
+def _exit_with(exc: Exception) -> None:
+    """Print ``exc`` as an error and exit with status 1."""
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(code=1)
 
@@ -63,7 +64,7 @@ def demo(
                  rewind_to=rewind_to, width=width, seed=seed, serve=serve, fresh=fresh, engine=engine,
                  console=console)
     except (ValueError, FileExistsError, ServingError) as exc:
-        _fail(exc)
+        _exit_with(exc)
 
 
 @portfolio_app.command("build")
@@ -83,7 +84,7 @@ def portfolio_build(
         portfolio_build_command(ckpt_dir, model, out, datamodule, input_shape=input_shape, input_key=input_key,
                                 target_key=target_key)
     except (ValueError, FileNotFoundError, ImportError) as exc:
-        _fail(exc)
+        _exit_with(exc)
 
 
 @portfolio_app.command("show")
@@ -94,7 +95,7 @@ def portfolio_show(directory: Path = typer.Argument(..., help="Portfolio directo
     try:
         portfolio_show_command(directory)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
+        _exit_with(exc)
 
 
 # -------------------------------------------------------------------------------- TorchServe commands
@@ -246,7 +247,7 @@ def archive(
     try:
         archive_command(portfolio, model_name, export_path, config=config, force=force, variants=variants)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        _fail(exc)
+        _exit_with(exc)
 
 
 @app.command()
@@ -272,7 +273,7 @@ def serve(
         serve_command(store, model, inference_port=inference_port, management_port=management_port,
                       metrics_port=metrics_port, no_auth=no_auth, enable_model_api=enable_model_api)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        _fail(exc)
+        _exit_with(exc)
 
 
 @app.command("litserve")
@@ -298,7 +299,7 @@ def litserve_cmd(
         litserve_command(portfolio, host=host, port=port, workers_per_device=workers_per_device, api_key=api_key,
                          no_auth=no_auth, config=config, events_log=events_log, console=console)
     except (ValueError, FileNotFoundError, ImportError) as exc:
-        _fail(exc)
+        _exit_with(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

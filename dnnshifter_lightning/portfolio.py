@@ -439,7 +439,8 @@ def sort_variants(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(variants, key=key)
 
 
-def _fail(directory: Path, why: str) -> PortfolioError:
+def _invalid(directory: Path, why: str) -> PortfolioError:
+    """The error for an invalid manifest in ``directory`` (the caller raises it)."""
     return PortfolioError(f"{directory / MANIFEST_NAME}: {why}")
 
 
@@ -466,43 +467,43 @@ def _finite_everywhere(v: Any, depth: int = 0) -> bool:
 
 def _check_input_spec(d: Path, spec: Any) -> None:
     if not isinstance(spec, dict):
-        raise _fail(d, "input_spec must be an object")
+        raise _invalid(d, "input_spec must be an object")
     shape = spec.get("shape")
     if not (isinstance(shape, list) and 1 <= len(shape) <= 7 and all(_int(s, 1, 1 << 20) for s in shape)):
-        raise _fail(d, f"input_spec.shape must be a list of 1..7 positive ints (no batch dim), got {str(shape)[:80]}")
+        raise _invalid(d, f"input_spec.shape must be a list of 1..7 positive ints (no batch dim), got {str(shape)[:80]}")
     if spec.get("dtype") not in INPUT_DTYPES:
-        raise _fail(d, f"input_spec.dtype must be one of {sorted(INPUT_DTYPES)}, got {str(spec.get('dtype'))[:40]!r}")
+        raise _invalid(d, f"input_spec.dtype must be one of {sorted(INPUT_DTYPES)}, got {str(spec.get('dtype'))[:40]!r}")
     for opt in ("mean", "std"):
         values = spec.get(opt)
         if values is None:
             continue
         if not (isinstance(values, list) and all(_num(x) for x in values)):
-            raise _fail(d, f"input_spec.{opt} must be a list of finite numbers")
+            raise _invalid(d, f"input_spec.{opt} must be a list of finite numbers")
         if len(values) != shape[0]:
-            raise _fail(d, f"input_spec.{opt} has {len(values)} values; the input has {shape[0]} channels")
+            raise _invalid(d, f"input_spec.{opt} has {len(values)} values; the input has {shape[0]} channels")
         if opt == "std" and not all(x > 0 for x in values):
-            raise _fail(d, "input_spec.std values must be > 0")
+            raise _invalid(d, "input_spec.std values must be > 0")
     names = spec.get("class_names")
     if names is not None and not (isinstance(names, list) and len(names) <= 1_000_000
                                   and all(isinstance(n, str) and len(n) <= 256 for n in names)):
-        raise _fail(d, "input_spec.class_names must be a list of strings (at most 256 chars each)")
+        raise _invalid(d, "input_spec.class_names must be a list of strings (at most 256 chars each)")
     color = spec.get("color")
     if color is not None and _COLORS.get(color) != shape[0]:
-        raise _fail(d, f"input_spec.color must be one of {sorted(_COLORS)} and match the {shape[0]} channels, "
+        raise _invalid(d, f"input_spec.color must be one of {sorted(_COLORS)} and match the {shape[0]} channels, "
                        f"got {str(color)[:20]!r}")
 
 
 def _check_variant(d: Path, i: int, v: Any) -> None:
     where = f"variants[{i}]"
     if not isinstance(v, dict):
-        raise _fail(d, f"{where} must be an object")
+        raise _invalid(d, f"{where} must be an object")
     for field in ("id", "level", "sparsity", "params", "nonzero_params", "file", "bytes_raw", "bytes_compressed",
                   "sha256", "macs", "latency_ms", "accuracy", "sparse_accuracy", "max_abs_diff"):
         if field not in v:
-            raise _fail(d, f"{where} ({str(v.get('id', '?'))[:40]}) is missing field {field!r}")
+            raise _invalid(d, f"{where} ({str(v.get('id', '?'))[:40]}) is missing field {field!r}")
     vid = v["id"]
     if not (isinstance(vid, str) and len(vid) <= _MAX_ID_CHARS and _ID.match(vid)):
-        raise _fail(d, f"{where}.id must be 1..{_MAX_ID_CHARS} letters, digits or '_.+-', got {str(vid)[:40]!r}")
+        raise _invalid(d, f"{where}.id must be 1..{_MAX_ID_CHARS} letters, digits or '_.+-', got {str(vid)[:40]!r}")
     where = f"variant {vid!r}"
     checks = {
         "level": _int(v["level"], 0, 1 << 20),
@@ -521,22 +522,22 @@ def _check_variant(d: Path, i: int, v: Any) -> None:
                 "sparse_accuracy": "null or a finite number in [0, 1]", "max_abs_diff": "null or a finite number >= 0",
                 "bytes_raw": f"an int in [0, {MAX_VARIANT_BYTES}]", "bytes_compressed": f"an int in [1, {MAX_VARIANT_BYTES}]",
                 }.get(k, "a non-negative int")
-        raise _fail(d, f"{where}: {k} must be {rule}, got {type(v[k]).__name__} {str(v[k])[:40]}")
+        raise _invalid(d, f"{where}: {k} must be {rule}, got {type(v[k]).__name__} {str(v[k])[:40]}")
     f = v["file"]
     if not isinstance(f, str):
-        raise _fail(d, f"{where}: file has type {type(f).__name__}")
+        raise _invalid(d, f"{where}: file has type {type(f).__name__}")
     if (not f or len(f) > _MAX_PATH_CHARS or "\x00" in f or "\\" in f or Path(f).is_absolute()
             or ".." in Path(f).parts or f.startswith("~")):
-        raise _fail(d, f"{where}: file must be a relative path inside the portfolio, got {f[:80]!r}")
+        raise _invalid(d, f"{where}: file must be a relative path inside the portfolio, got {f[:80]!r}")
     if not (isinstance(v["sha256"], str) and _SHA256.match(v["sha256"])):
-        raise _fail(d, f"{where}: sha256 must be 64 lowercase hex digits")
+        raise _invalid(d, f"{where}: sha256 must be 64 lowercase hex digits")
     lat = v["latency_ms"]
     if not (isinstance(lat, dict) and len(lat) <= 64 and all(isinstance(k, str) and k.isdigit() and len(k) <= 6
                                                               and _num(x, 0.0) for k, x in lat.items())
             and "1" in lat and "8" in lat):
-        raise _fail(d, f"{where}: latency_ms needs finite numbers >= 0 for batch '1' and '8' (keys: batch sizes)")
+        raise _invalid(d, f"{where}: latency_ms needs finite numbers >= 0 for batch '1' and '8' (keys: batch sizes)")
     if not _finite_everywhere(v):
-        raise _fail(d, f"{where}: every number must be finite (and nesting at most 32 deep)")
+        raise _invalid(d, f"{where}: every number must be finite (and nesting at most 32 deep)")
 
 
 def validate_manifest(manifest: Any, directory: str | os.PathLike[str] = ".") -> dict[str, Any]:
@@ -564,30 +565,30 @@ def validate_manifest(manifest: Any, directory: str | os.PathLike[str] = ".") ->
     """
     d = Path(directory)
     if not isinstance(manifest, dict):
-        raise _fail(d, "manifest must be a JSON object")
+        raise _invalid(d, "manifest must be a JSON object")
     version = manifest.get("format_version")
     if version == 1:
-        raise _fail(d, f"format_version 1 (torch.export programs) is no longer loaded, because loading it can run "
+        raise _invalid(d, f"format_version 1 (torch.export programs) is no longer loaded, because loading it can run "
                        f"code; {REBUILD_HINT}")
     if version != FORMAT_VERSION:
-        raise _fail(d, f"format_version must be {FORMAT_VERSION}, got {str(version)[:40]!r}")
+        raise _invalid(d, f"format_version must be {FORMAT_VERSION}, got {str(version)[:40]!r}")
     _check_input_spec(d, manifest.get("input_spec"))
     variants = manifest.get("variants")
     if not isinstance(variants, list) or not variants:
-        raise _fail(d, "variants must be a non-empty list")
+        raise _invalid(d, "variants must be a non-empty list")
     if len(variants) > 10_000:
-        raise _fail(d, f"{len(variants)} variants; at most 10000")
+        raise _invalid(d, f"{len(variants)} variants; at most 10000")
     seen: set[str] = set()
     for i, v in enumerate(variants):
         _check_variant(d, i, v)
         if v["id"] in seen:
-            raise _fail(d, f"duplicate variant {v['id']!r}")
+            raise _invalid(d, f"duplicate variant {v['id']!r}")
         seen.add(v["id"])
     if not _finite_everywhere({k: x for k, x in manifest.items() if k != "variants"}):
-        raise _fail(d, "every number must be finite (and nesting at most 32 deep)")
+        raise _invalid(d, "every number must be finite (and nesting at most 32 deep)")
     accs = [v["accuracy"] for v in variants if v["accuracy"] is not None]
     if any(a < b - 1e-12 for a, b in zip(accs, accs[1:])):
-        raise _fail(d, "variants must be ordered from most to least accurate")
+        raise _invalid(d, "variants must be ordered from most to least accurate")
     return manifest
 
 
