@@ -128,7 +128,12 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 def _validation_metrics(trainer: L.Trainer) -> dict[str, float]:
     """Every metric logged by the validation that just ended, whatever its name."""
-    results = getattr(trainer, "_results", None)  # the validation loop's own results (Lightning 2.x)
+    # Private on purpose: no public API says which metrics the validation logged. At
+    # on_validation_end, trainer.callback_metrics and trainer.logged_metrics (Lightning 2.6) both
+    # also hold the training step's metrics (e.g. train_loss); the validation loop's returned metrics
+    # do not exist yet (fit discards them later anyway). trainer._results is the validation loop's
+    # own result collection at this moment; when absent, fall back to names containing "val".
+    results = getattr(trainer, "_results", None)
     names = {getattr(getattr(r, "meta", None), "name", None) for r in results.values()} if results is not None else None
     metrics = {}
     for key, value in trainer.callback_metrics.items():
