@@ -63,6 +63,7 @@ class PortfolioHandler(BaseHandler):
         self._batch_start = time.perf_counter()  # when preprocess of the current batch began
         self._pinned = [0, 0.0]  # requests of the batch that pinned another variant, and the seconds they took
         self._next_signals_log = 0.0  # monotonic time of the next DNNSHIFTER_SIGNALS line
+        self._queue_delay = None  # mean queue delay (s) of the current batch's requests, None if unknown
         props = context.system_properties
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         self.options = opts = core.default_options(yaml_cfg.get("handler") or {})

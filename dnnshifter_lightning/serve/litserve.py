@@ -83,6 +83,7 @@ class PortfolioLitAPI(ls.LitAPI):
         resolve_served_set(read_manifest(self.portfolio_dir)["variants"], opts.get("variants"),
                            opts.get("min_accuracy"), fixed)
         self.pin_header = str(opts["pin_header"]).lower()
+        self._batch_start: float | None = None  # when the current batch's first request was decoded
 
     def setup(self, device) -> None:
         opts = self.options
@@ -93,7 +94,6 @@ class PortfolioLitAPI(ls.LitAPI):
         self.policy = core.build_policy(self.runtime, opts, self.max_batch_size, self.batch_timeout * 1000.0)
         self.switch_count = 0
         self.worker = os.environ.get("LITSERVE_WORKER_ID", "0")  # set by LitServe in each inference worker
-        self._batch_start = None
         self._switch(self.policy.active_id, INITIAL_SWITCH_REASON)
         self._report(event="setup", pid=os.getpid(), device=self.device, variants=list(self.runtime.variant_ids),
                      active=self.runtime.active_id, memory=core.memory_report(self.runtime),
