@@ -13,8 +13,9 @@ __all__ = ["atomic_write"]
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync, ``os.replace``.
 
-    Missing parent directories are created. On any error (including an interrupt) the temp file is
-    removed and an existing ``path`` is left as it was.
+    Missing parent directories are created. The file gets the temp file's mode, 0600 (owner only:
+    :func:`tempfile.mkstemp`'s), from the moment it exists. On any error (including an interrupt)
+    the temp file is removed and an existing ``path`` is left as it was.
 
     Args:
         path: the file to write.

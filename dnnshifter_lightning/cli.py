@@ -176,9 +176,8 @@ def serve_command(store: Path, model: str, *, inference_port: int | None = None,
         except ServingError as exc:
             raise _exit(out, exc) from exc
     home.mkdir(parents=True, exist_ok=True)
-    partial = state_file.with_suffix(".json.partial")
-    partial.write_text(json.dumps(server.state(), indent=2))
-    partial.replace(state_file)  # atomic: --stop never reads half a state file
+    from dnnshifter_lightning._atomic import atomic_write
+    atomic_write(state_file, json.dumps(server.state(), indent=2))  # --stop never reads half a state file
     out.print(f"[bold green]TorchServe is serving {model}[/]\n"
               f"  inference   {server.inference_url}/predictions/{model}\n"
               f"  management  {server.management_url}/models/{model}\n"

@@ -39,6 +39,8 @@ from typing import Any
 
 import litserve
 
+from dnnshifter_lightning._atomic import atomic_write
+
 __all__ = ["litserve_command", "write_api_key", "check_bind"]
 
 #: what LitServe's ``run`` can bind; only the first is loopback
@@ -89,12 +91,7 @@ def write_api_key(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     key = secrets.token_urlsafe(32)
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
-    with os.fdopen(fd, "w") as f:
-        f.write(key)
-    partial.replace(path)
+    atomic_write(path, key)  # its temp file is created 0600: never readable by others, not even briefly
     return key
 
 
