@@ -61,16 +61,6 @@ def check_options(opts: Mapping[str, Any], extra: Mapping[str, Any] | None = Non
     ``extra`` names further accepted keys (e.g. :data:`LITSERVE_BATCHING`). What needs the
     portfolio (``variants``, ``fixed_variant``, ``min_accuracy``) is checked by
     :func:`~dnnshifter_lightning.served.resolve_served_set`, the policy by :func:`policy_config`.
-
-    >>> check_options({"slo_ms": 50, "memory_budget_mb": 64})
-    >>> check_options({"slo": 50})
-    Traceback (most recent call last):
-        ...
-    ValueError: unknown option 'slo'; known options: batch_timeout, fixed_variant, ..., variants
-    >>> check_options({"memory_budget_mb": -1})
-    Traceback (most recent call last):
-        ...
-    ValueError: memory_budget_mb must be a number > 0 or null (no cache), got -1
     """
     known = set(default_options()) | set(extra if extra is not None else LITSERVE_BATCHING)
     for key in opts:
@@ -124,18 +114,6 @@ def read_options_file(path: str | os.PathLike) -> dict:
     ``memory_budget_mb``, ``min_accuracy``, ``variants``, ...) at the top level, or under ``handler:``
     as in an archive's ``model-config.yaml``, plus LitServe's ``max_batch_size`` / ``batch_timeout``.
     Checked with :func:`check_options`; errors name the file.
-
-    >>> import tempfile
-    >>> from pathlib import Path
-    >>> cfg = Path(tempfile.mkdtemp()) / "my.yaml"
-    >>> _ = cfg.write_text("slo_ms: 40\npolicy:\n  high_utilisation: 0.9\n")
-    >>> read_options_file(cfg)
-    {'slo_ms': 40, 'policy': {'high_utilisation': 0.9}}
-    >>> _ = cfg.write_text("policy:\n  high_utilisaton: 0.9\n")
-    >>> read_options_file(cfg)
-    Traceback (most recent call last):
-        ...
-    ValueError: .../my.yaml: unknown policy option(s) ['high_utilisaton']; known options: [...]
     """
     import yaml
 
@@ -250,13 +228,6 @@ def queue_delay_s(value: str | None, now: float | None = None) -> float | None:
     convention proxies such as nginx and APM agents use), at wall time ``now``. ``None`` when the
     header is absent, malformed or implausible (more than 1 s in the future or 1 h in the past):
     a bad header is never an error, it only leaves the policy without this signal.
-
-        >>> queue_delay_s("t=1700000000.5", now=1700000000.75)
-        0.25
-        >>> queue_delay_s("t=1700000000250000", now=1700000000.5)  # microseconds
-        0.25
-        >>> queue_delay_s("soon", now=1.0) is None
-        True
     """
     if not value:
         return None
@@ -346,12 +317,6 @@ class RequestParser:
     ``spec`` is the manifest's ``input_spec``; ``opts`` the handler options (``max_body_bytes``,
     ``max_image_pixels``). Images (PNG/JPEG) are decoded through :mod:`dnnshifter_lightning.serve.images`
     and normalised with the spec's mean/std; JSON ``{"data": ...}`` is taken as it is.
-
-    >>> parser = RequestParser({"shape": [1, 2, 2]}, default_options())
-    >>> parser.parse(b'{"data": [[[0, 1], [2, NaN]]]}')
-    {'status': 400, 'error': 'data contains NaN or infinity'}
-    >>> parser.parse(b"GIF89a...")["status"]
-    415
     """
 
     def __init__(self, spec: Mapping[str, Any], opts: Mapping[str, Any]):

@@ -47,14 +47,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 class ImageRejected(ValueError):
-    """An image request that is refused; ``status`` is the HTTP status to answer with.
-
-    Example::
-
-        >>> exc = ImageRejected(413, "too many pixels")
-        >>> exc.status, str(exc)
-        (413, 'too many pixels')
-    """
+    """An image request that is refused; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -62,11 +55,7 @@ class ImageRejected(ValueError):
 
 
 def looks_like_image(raw: bytes) -> bool:
-    """True if ``raw`` starts with a PNG or JPEG signature.
-
-    >>> looks_like_image(b"\\x89PNG\\r\\n\\x1a\\n..."), looks_like_image(b"GIF89a...")
-    (True, False)
-    """
+    """True if ``raw`` starts with a PNG or JPEG signature."""
     return raw[:8] == PNG_MAGIC or raw[:3] == JPEG_MAGIC
 
 
@@ -75,13 +64,6 @@ def install_bomb_guard(max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
 
     Pillow warns above the limit and refuses above twice the limit when it opens an image; the
     cap in :func:`decode_image` refuses anything above ``max_pixels`` itself.
-
-    >>> from PIL import Image
-    >>> before = Image.MAX_IMAGE_PIXELS
-    >>> install_bomb_guard(10_000_000)
-    >>> Image.MAX_IMAGE_PIXELS <= 10_000_000
-    True
-    >>> Image.MAX_IMAGE_PIXELS = before                   # (process-wide: put it back for other doctests)
     """
     from PIL import Image
 
@@ -100,21 +82,6 @@ def decode_image(raw: bytes, *, size: tuple[int, int], mode: str, max_pixels: in
 
     Raises:
         ImageRejected: 415 for anything but PNG/JPEG, 413 above ``max_pixels``, 400 for a broken file.
-
-    Example::
-
-        >>> import io
-        >>> from PIL import Image
-        >>> buf = io.BytesIO()
-        >>> Image.new("RGB", (300, 200), (255, 0, 0)).save(buf, format="JPEG")
-        >>> x = decode_image(buf.getvalue(), size=(32, 32), mode="RGB")   # decoded at 1/4 scale, then resized
-        >>> x.shape, x[0].min() > 0.9 > 0.1 > x[1:].max()
-        (torch.Size([3, 32, 32]), tensor(True))
-        >>> try:
-        ...     decode_image(buf.getvalue(), size=(32, 32), mode="RGB", max_pixels=50_000)
-        ... except ImageRejected as exc:
-        ...     print(exc.status, exc)
-        413 image is 300x200 = 60,000 pixels; the limit is 50,000
     """
     from PIL import Image, UnidentifiedImageError
 

@@ -68,16 +68,6 @@ class PortfolioMetricsLogger(ls.Logger):
             main process handles Ctrl-C; otherwise the logger process dies of it with a traceback).
 
     A directory with an earlier run's files is refused, since their counts would be added:
-
-    >>> import os, tempfile
-    >>> d = tempfile.mkdtemp()
-    >>> PortfolioMetricsLogger(d, mount=False).scrape()      # nothing reported yet
-    ''
-    >>> open(os.path.join(d, "counter_123.db"), "wb").close()
-    >>> PortfolioMetricsLogger(d)
-    Traceback (most recent call last):
-        ...
-    ValueError: metrics directory ... holds files of an earlier run (counter_123.db, ...): give an empty or new directory
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, *, path: str = "/metrics", mount: bool = True,

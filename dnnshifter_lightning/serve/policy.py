@@ -170,17 +170,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class Decision:
-    """What :meth:`LoadPolicy.choose` returns: the variant for the next batch and why.
-
-    Example::
-
-        >>> config = PolicyConfig(fixed_variant="b")
-        >>> decision = LoadPolicy(["a", "b"], {"a": {1: 0.01}, "b": {1: 0.001}}, config=config).choose()
-        >>> decision
-        Decision(variant_id='b', reason='fixed by operator config', switched=False)
-        >>> decision.variant_id
-        'b'
-    """
+    """What :meth:`LoadPolicy.choose` returns: the variant for the next batch and why."""
 
     variant_id: str
     reason: str
@@ -192,11 +182,6 @@ class LatencyProfile:
     """Latency of one variant as a function of batch size, from a few measured points (seconds).
 
     Piecewise linear between points, flat below the smallest, extrapolated with the last slope above.
-
-    Example::
-
-        >>> LatencyProfile({1: 0.002, 8: 0.009}).seconds(4)
-        0.005
     """
 
     def __init__(self, points: Mapping[Any, float]) -> None:

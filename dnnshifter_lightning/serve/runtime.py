@@ -82,15 +82,7 @@ _CPU = torch.device("cpu")
 
 
 def profiles_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[int, float]]:
-    """Latency profiles (seconds) from a portfolio manifest's ``latency_ms`` (measured at build time).
-
-    Example::
-
-        >>> manifest = {"variants": [{"id": "level_00", "latency_ms": {"1": 2.0, "8": 6.5}},
-        ...                          {"id": "level_04", "latency_ms": {"1": 0.5, "8": 1.5}}]}
-        >>> profiles_from_manifest(manifest)
-        {'level_00': {1: 0.002, 8: 0.0065}, 'level_04': {1: 0.0005, 8: 0.0015}}
-    """
+    """Latency profiles (seconds) from a portfolio manifest's ``latency_ms`` (measured at build time)."""
     return {v["id"]: {int(b): float(ms) / 1000.0 for b, ms in v["latency_ms"].items()} for v in manifest["variants"]}
 
 
@@ -119,43 +111,13 @@ _ALIGN = 64  # byte alignment of every tensor in the flat buffer (dtype views ne
 
 
 class SwitchError(RuntimeError):
-    """A switch failed; the previous variant is still active.
-
-    Example::
-
-        >>> import tempfile, torch
-        >>> from pathlib import Path
-        >>> from dnnshifter_lightning.portfolio import save_variant, write_manifest
-        >>> d = Path(tempfile.mkdtemp())
-        >>> variants = [{"id": vid, "level": i, "sparsity": 0.0, "params": 0, "nonzero_params": 0, "macs": 0,
-        ...              "latency_ms": {"1": 1.0, "8": 2.0}, "accuracy": None, "sparse_accuracy": None,
-        ...              "max_abs_diff": None, **save_variant(torch.nn.Linear(4, 3), torch.zeros(2, 4),
-        ...                                                   d / f"{vid}.safetensors.zst")}
-        ...             for i, vid in enumerate(["a", "b"])]
-        >>> _ = write_manifest(d, {"format_version": 2, "input_spec": {"shape": [4], "dtype": "float32"},
-        ...                        "variants": variants})
-        >>> rt = PortfolioRuntime(d, profile_batch_sizes=None)
-        >>> rt._variants["b"].blob = b"garbage"          # simulate a corrupt in-memory blob
-        >>> try:
-        ...     rt.switch_to("b")
-        ... except SwitchError:
-        ...     print("still serving", rt.active_id, "- logged:", rt.switch_log[-1].ok)
-        still serving a - logged: False
-    """
+    """A switch failed; the previous variant is still active."""
 
 
 class PinThrottled(RuntimeError):
     """A pinned variant is not inflated and this interval's pin inflate is already spent.
 
     ``retry_after_s`` says when the next pin inflate is allowed. Nothing was inflated.
-
-    Example::
-
-        >>> exc = PinThrottled("level_03", 0.4, 1.0)
-        >>> exc.variant_id, exc.retry_after_s
-        ('level_03', 0.4)
-        >>> print(str(exc).split(";")[1].strip())
-        retry in 0.40 s or send the request without a pin
     """
 
     def __init__(self, variant_id: str, retry_after_s: float, interval_s: float) -> None:
@@ -167,16 +129,7 @@ class PinThrottled(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class SwitchRecord:
-    """One entry of :attr:`PortfolioRuntime.switch_log`.
-
-    Example::
-
-        >>> record = SwitchRecord("level_00", "level_08", time=1700000000.0, seconds=0.0021, reason="burst")
-        >>> record.ok, record.error, record.cached
-        (True, None, False)
-        >>> f"{record.from_id} -> {record.to_id} in {record.seconds * 1e3:.1f} ms ({record.reason})"
-        'level_00 -> level_08 in 2.1 ms (burst)'
-    """
+    """One entry of :attr:`PortfolioRuntime.switch_log`."""
 
     from_id: str
     to_id: str
@@ -190,14 +143,7 @@ class SwitchRecord:
 
 @dataclasses.dataclass(frozen=True)
 class VariantMemory:
-    """What :meth:`PortfolioRuntime.variant_memory` reports for one served variant (a snapshot).
-
-    Example::
-
-        >>> m = VariantMemory(compressed_bytes=300, inflated_bytes=1024, frames=(200, 100), inflated=False)
-        >>> f"{m.compressed_bytes / m.inflated_bytes:.0%} of its weights held, in {len(m.frames)} frames"
-        '29% of its weights held, in 2 frames'
-    """
+    """What :meth:`PortfolioRuntime.variant_memory` reports for one served variant (a snapshot)."""
 
     compressed_bytes: int  #: the zstd-compressed weights, always held
     inflated_bytes: int  #: the flat weight buffer while inflated (tensors aligned to 64 bytes)

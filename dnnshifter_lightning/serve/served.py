@@ -43,16 +43,7 @@ DEFAULT_FLOOR_FRACTION = 0.9
 
 @dataclass(frozen=True)
 class ServedSet:
-    """The variants a server holds and may serve, and why the others are not.
-
-    Example::
-
-        >>> s = resolve_served_set([{"id": "a", "accuracy": None}, {"id": "b", "accuracy": None}])
-        >>> s.ids, s.floor, s.measured
-        (('a', 'b'), None, False)
-        >>> print(s.warnings[0])
-        no variant has a measured accuracy (the portfolio was built without validation data): serving all 2 variants in the manifest's order with the accuracy floor off
-    """
+    """The variants a server holds and may serve, and why the others are not."""
 
     ids: tuple[str, ...]  #: served, in the manifest's order (most to least accurate)
     selection: str  #: "front", "all" or "ids"
@@ -73,13 +64,6 @@ class ServedSet:
 
 def parse_selection(value: Any) -> str | list[str]:
     """``"front"``, ``"all"``, a comma-separated string of ids, or a list of ids -> a selection.
-
-    >>> parse_selection("front"), parse_selection("level_00, level_05"), parse_selection(["a"])
-    ('front', ['level_00', 'level_05'], ['a'])
-    >>> parse_selection("")
-    Traceback (most recent call last):
-        ...
-    ValueError: variants must be 'front', 'all' or a list of variant ids, got ''
     """
     if value is None:
         return "front"
@@ -111,19 +95,6 @@ def resolve_served_set(variants: Sequence[Mapping[str, Any]], selection: Any = "
 
     Raises ``ValueError`` (naming the valid ids) for unknown ids, a listed or fixed variant below the
     floor, or a floor that leaves nothing to serve.
-
-    Example::
-
-        >>> vs = [{"id": "a", "accuracy": 0.9, "latency_ms": {"8": 5.0}},
-        ...       {"id": "b", "accuracy": 0.3, "latency_ms": {"8": 1.0}}]
-        >>> resolve_served_set(vs, ["a", "c"])
-        Traceback (most recent call last):
-            ...
-        ValueError: variants: no variant ['c'] in this portfolio; valid ids: ['a', 'b'] (or 'front', 'all')
-        >>> resolve_served_set(vs, ["b"])
-        Traceback (most recent call last):
-            ...
-        ValueError: variant 'b' (accuracy 30.0%) is below the accuracy floor 81.0% (default: 0.9 x the best accuracy 90.0%); lower min_accuracy to serve it
     """
     selection = parse_selection(selection)
     floor_given = _check_floor(min_accuracy)
@@ -205,13 +176,6 @@ def pareto_front(variants: Sequence[Mapping[str, Any]], keep: Sequence[str] = ()
     the archive, the handler and the policy serve the front by default, and the plot and
     ``dnnshifter portfolio show`` mark it. Variants without a measured accuracy or batch-8 latency are
     all kept (nothing says they are dominated), as are the ids in ``keep``.
-
-    Example::
-
-        >>> pareto_front([{"id": "a", "accuracy": 0.99, "latency_ms": {"8": 10.0}},
-        ...               {"id": "b", "accuracy": 0.98, "latency_ms": {"8": 12.0}},
-        ...               {"id": "c", "accuracy": 0.95, "latency_ms": {"8": 4.0}}])
-        ['a', 'c']
     """
     def measured(v: Mapping[str, Any]) -> bool:
         return v.get("accuracy") is not None and _b8_latency(v) is not None

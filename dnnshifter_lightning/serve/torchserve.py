@@ -63,54 +63,17 @@ JAVA_HELP = (
 )
 
 class ServingError(RuntimeError):
-    """TorchServe failed to build, start, become healthy or stop; the message says why.
-
-    Example::
-
-        >>> import tempfile
-        >>> from pathlib import Path
-        >>> not_a_portfolio = Path(tempfile.mkdtemp())
-        >>> try:
-        ...     build_archive(not_a_portfolio, "digits", not_a_portfolio / "store")
-        ... except ServingError as exc:
-        ...     print(str(exc).endswith("manifest.json is missing"))
-        True
-    """
+    """TorchServe failed to build, start, become healthy or stop; the message says why."""
 
 
 class JavaMissingError(ServingError):
-    """``java`` (17+) is not available; the message says how to install it.
-
-    Example::
-
-        >>> import os, tempfile
-        >>> from unittest import mock
-        >>> issubclass(JavaMissingError, ServingError)
-        True
-        >>> with mock.patch.dict(os.environ, {"JAVA_HOME": tempfile.mkdtemp()}):   # a JDK-less JAVA_HOME
-        ...     try:
-        ...         check_java()
-        ...     except JavaMissingError as exc:
-        ...         print(str(exc).splitlines()[1])
-        TorchServe 0.12 needs Java 17 (a JRE is enough). Install it with one of:
-    """
+    """``java`` (17+) is not available; the message says how to install it."""
 
 
 def check_java(env: Mapping[str, str] | None = None) -> str:
     """Return the path of a usable ``java`` (17+) or raise :class:`JavaMissingError` with install help.
 
     ``JAVA_HOME``, else ``java`` on ``PATH``, looked up in ``env`` (default: ``os.environ``).
-
-    >>> check_java()  # doctest: +SKIP
-    '/usr/bin/java'
-    >>> import os, tempfile
-    >>> from unittest import mock
-    >>> with mock.patch.dict(os.environ, {"JAVA_HOME": tempfile.mkdtemp()}):
-    ...     check_java()
-    Traceback (most recent call last):
-        ...
-    dnnshifter_lightning.serve.torchserve.JavaMissingError: JAVA_HOME=... has no bin/java.
-    TorchServe 0.12 needs Java 17 ...
     """
     env = os.environ if env is None else env
     java_home = env.get("JAVA_HOME")
@@ -141,27 +104,14 @@ def _venv_tool(name: str) -> str:
 
 
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (the OS picks it).
-
-    Example::
-
-        >>> port = free_port()
-        >>> isinstance(port, int) and 0 < port < 65536
-        True
-    """
+    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
 
 
 def port_is_free(port: int) -> bool:
-    """Whether ``port`` can be bound on 127.0.0.1 right now.
-
-    Example::
-
-        >>> port_is_free(free_port())
-        True
-    """
+    """Whether ``port`` can be bound on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((LOOPBACK, port))
@@ -180,18 +130,6 @@ def build_archive(portfolio: Path, model_name: str, export_path: Path, config: P
     floor, see :mod:`dnnshifter_lightning.serve.served`). The portfolio's manifest is read first and the
     served set resolved, so a directory that is not a portfolio, an unknown id or a floor that leaves
     nothing to serve fails here, not inside TorchServe.
-
-    Example::
-
-        >>> from pathlib import Path
-        >>> build_archive(Path("portfolio"), "digits", Path("store"), {"batchSize": 4})  # doctest: +SKIP
-        PosixPath('store/digits.mar')
-        >>> import tempfile
-        >>> empty = Path(tempfile.mkdtemp())
-        >>> build_archive(empty, "digits", empty / "store")
-        Traceback (most recent call last):
-            ...
-        dnnshifter_lightning.serve.torchserve.ServingError: ... is not a portfolio: .../manifest.json is missing
     """
     import yaml
 
@@ -286,23 +224,6 @@ class TorchServeServer:
     ``inference_url``/``management_url``/``metrics_url``, ``inference_headers()``,
     ``management_headers()``, ``key_file``, ``workdir``, ``allowed_urls()``, ``state()``,
     ``attach(state)``, ``verify_ours(state)``.
-
-    Doctest (the server is configured but not started here)::
-
-        >>> import tempfile
-        >>> from pathlib import Path
-        >>> ts = TorchServeServer(Path(tempfile.mkdtemp()), ["digits"], ports={"inference": 18080})
-        >>> ts.models, ts.inference_url, ts.inference_headers()
-        ({'digits': 'digits.mar'}, 'http://127.0.0.1:18080', {})
-        >>> props = ts.config_properties().splitlines()
-        >>> "load_models=digits=digits.mar" in props, "enable_model_api=false" in props
-        (True, True)
-        >>> "disable_token_authorization=false" in props, f"max_request_size={MAX_REQUEST_BYTES}" in props
-        (True, True)
-        >>> ts.stop()                     # never started: this only removes its temporary directories
-        >>> body = json.dumps({"data": [[[0.0] * 8] * 8]}).encode()      # one 1x8x8 digit
-        >>> with TorchServeServer(Path("store"), ["digits"]) as ts:  # doctest: +SKIP
-        ...     status, reply = ts.predict("digits", body)
     """
 
     def __init__(self, store: Path, models: Mapping[str, str] | Sequence[str] | None = None, *, no_auth: bool = False,
@@ -372,16 +293,7 @@ class TorchServeServer:
 
     # ---------------------------------------------------------------- lifecycle
     def allowed_urls(self) -> str:
-        """The only model URLs TorchServe may load: a ``.mar`` directly inside the model store.
-
-        >>> import tempfile
-        >>> ts = TorchServeServer(Path("/srv/models"))
-        >>> pattern = ts.allowed_urls()
-        >>> [bool(re.fullmatch(pattern, u)) for u in ("file:///srv/models/digits.mar", "file:///tmp/evil.mar",
-        ...                                            "file:///srv/models/../evil.mar", "http://x/digits.mar")]
-        [True, False, False, False]
-        >>> ts.stop()
-        """
+        """The only model URLs TorchServe may load: a ``.mar`` directly inside the model store."""
         return "^file://" + re.escape(str(self.store)) + r"/[A-Za-z0-9_][A-Za-z0-9_.-]*\.mar$"
 
     def config_properties(self) -> str:
@@ -618,40 +530,13 @@ def _create_time(pid: int | None) -> float | None:
 
 
 def read_switches(server: TorchServeServer) -> list[dict[str, Any]]:
-    """Every ``DNNSHIFTER_SWITCH`` the handler logged (from, to, reason, switch_ms, time), oldest first.
-
-    Example::
-
-        >>> import tempfile
-        >>> from pathlib import Path
-        >>> ts = TorchServeServer(Path(tempfile.mkdtemp()))     # not started: we only read its log dir
-        >>> ts.log_dir.mkdir(parents=True)
-        >>> _ = (ts.log_dir / "model_log.log").write_text(
-        ...     'INFO DNNSHIFTER_SWITCH {"from": "level_00", "to": "level_08", "reason": "burst", '
-        ...     '"switch_ms": 1.2, "time": 1700000000.0}\\n'
-        ...     'INFO an unrelated line\\n')
-        >>> [(s["from"], s["to"], s["reason"]) for s in read_switches(ts)]
-        [('level_00', 'level_08', 'burst')]
-        >>> ts.stop()
-    """
+    """Every ``DNNSHIFTER_SWITCH`` the handler logged (from, to, reason, switch_ms, time), oldest first."""
     return [e for e in read_log_events(server, "DNNSHIFTER_SWITCH") if e.get("from") != e.get("to")]
 
 
 def read_log_events(server: TorchServeServer, tag: str) -> list[dict[str, Any]]:
     """Every ``TAG {json}`` line the handler wrote to the model log (``DNNSHIFTER_SWITCH``,
     ``DNNSHIFTER_MEMORY``, ...), oldest first; lines whose JSON does not parse are skipped.
-
-    Example::
-
-        >>> import tempfile
-        >>> from pathlib import Path
-        >>> ts = TorchServeServer(Path(tempfile.mkdtemp()))     # not started: we only read its log dir
-        >>> ts.log_dir.mkdir(parents=True)
-        >>> _ = (ts.log_dir / "model_log.log").write_text('x DNNSHIFTER_MEMORY {"total_bytes": 8}\\n'
-        ...                                               'x DNNSHIFTER_MEMORY {broken\\n')
-        >>> read_log_events(ts, "DNNSHIFTER_MEMORY")
-        [{'total_bytes': 8}]
-        >>> ts.stop()
     """
     log = server.log_dir / "model_log.log"
     out = []
@@ -665,11 +550,5 @@ def read_log_events(server: TorchServeServer, tag: str) -> list[dict[str, Any]]:
 
 def json_bodies(x: Any) -> list[bytes]:
     """One ``{"data": ...}`` request body per input of a batch tensor ``x``.
-
-    Example::
-
-        >>> import torch
-        >>> json_bodies(torch.tensor([[[0.5, 1.0]], [[0.0, -1.0]]]))
-        [b'{"data": [[0.5, 1.0]]}', b'{"data": [[0.0, -1.0]]}']
     """
     return [json.dumps({"data": row.tolist()}).encode() for row in x]

@@ -78,3 +78,26 @@ def test_broken_images_are_400_not_a_crash():
     jpeg = small_image("JPEG", (16, 16))
     assert _status(jpeg[: len(jpeg) // 2]) == 400
     assert _status(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64) in (400, 415)
+
+
+def test_decode_image_scales_down_and_names_the_pixel_limit():
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (255, 0, 0)).save(buf, format="JPEG")
+    x = decode_image(buf.getvalue(), size=(32, 32), mode="RGB")  # decoded at 1/4 scale, then resized
+    assert x.shape == (3, 32, 32) and x[0].min() > 0.9 and x[1:].max() < 0.1
+    with pytest.raises(ImageRejected, match=r"^image is 300x200 = 60,000 pixels; the limit is 50,000$") as info:
+        decode_image(buf.getvalue(), size=(32, 32), mode="RGB", max_pixels=50_000)
+    assert info.value.status == 413
+
+
+def test_bomb_guard_lowers_pillows_limit_and_sniffing_knows_png_only_by_magic(monkeypatch):
+    from PIL import Image
+
+    from dnnshifter_lightning.serve.images import install_bomb_guard, looks_like_image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    install_bomb_guard(10_000_000)
+    assert Image.MAX_IMAGE_PIXELS <= 10_000_000
+    assert looks_like_image(b"\x89PNG\r\n\x1a\n...") and not looks_like_image(b"GIF89a...")

@@ -208,3 +208,19 @@ def test_config_errors_name_the_file_and_what_to_change(portfolio, tmp_path):
         assert result.exit_code == 1 and message in output, output
         if "level_99" not in text:
             assert "bad.yaml" in output
+
+
+def test_bad_arguments_fail_before_anything_starts(tmp_path):
+    from dnnshifter_lightning.serve.litserve_command import litserve_command
+    with pytest.raises(ValueError, match=r"^--workers-per-device must be >= 1, got 0$"):
+        litserve_command(tmp_path / "portfolio", workers_per_device=0)
+    with pytest.raises(ValueError, match=r"^--host 0.0.0.0 listens on every network interface: pass --api-key KEY"):
+        litserve_command(tmp_path / "portfolio", host="0.0.0.0")
+
+
+def test_metrics_logger_refuses_a_directory_of_an_earlier_run(tmp_path):
+    from dnnshifter_lightning.serve.litserve_metrics import PortfolioMetricsLogger
+    assert PortfolioMetricsLogger(str(tmp_path), mount=False).scrape() == ""  # nothing reported yet
+    (tmp_path / "counter_123.db").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds files of an earlier run \(counter_123.db, .*give an empty or new directory"):
+        PortfolioMetricsLogger(str(tmp_path))

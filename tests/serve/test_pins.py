@@ -113,3 +113,9 @@ def test_profiling_is_not_throttled_and_leaves_no_pin(portfolio):
     assert rt.pinned_id() is None and rt.pin_inflates == 0
     with pytest.raises(ValueError, match="pin_inflate_interval_s"):
         PortfolioRuntime(rt.path, profile_batch_sizes=None, pin_inflate_interval_s=float("nan"))
+
+
+def test_pin_throttled_says_when_to_retry():
+    exc = PinThrottled("level_03", 0.4, 1.0)
+    assert (exc.variant_id, exc.retry_after_s) == ("level_03", 0.4)
+    assert str(exc).split(";")[1].strip() == "retry in 0.40 s or send the request without a pin"

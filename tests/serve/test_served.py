@@ -156,3 +156,17 @@ def test_partly_measured_portfolio_leaves_unmeasured_variants_out(portfolio, tmp
     assert served.ids == ("level_00", "level_01") and served.unmeasured == ("level_02",)
     assert "no measured accuracy" in served.warnings[0]
     assert resolve_served_set(manifest["variants"], ["level_00", "level_02"]).ids == ("level_00", "level_02")
+
+
+def test_parse_selection_and_unknown_ids():
+    from dnnshifter_lightning.serve.served import parse_selection
+    assert parse_selection(None) == "front" and parse_selection(" all ") == "all"
+    assert parse_selection("level_00, level_05") == ["level_00", "level_05"] and parse_selection(["a"]) == ["a"]
+    for bad in ("", ",", [], [3]):
+        with pytest.raises(ValueError, match="variants must be 'front', 'all' or a list of variant ids"):
+            parse_selection(bad)
+    vs = [{"id": "a", "accuracy": 0.9, "latency_ms": {"8": 5.0}}, {"id": "b", "accuracy": 0.3, "latency_ms": {"8": 1.0}}]
+    with pytest.raises(ValueError, match=r"no variant \['c'\] in this portfolio; valid ids: \['a', 'b'\]"):
+        resolve_served_set(vs, ["a", "c"])
+    with pytest.raises(ValueError, match=r"variant 'b' \(accuracy 30.0%\) is below the accuracy floor 81.0%"):
+        resolve_served_set(vs, ["b"])
