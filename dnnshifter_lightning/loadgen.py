@@ -36,14 +36,7 @@ LOOPBACK = "127.0.0.1"
 
 @dataclass
 class LoadResult:
-    """One request sent by :func:`run_load`. Times are seconds on ``time.monotonic``.
-
-    Example::
-
-        >>> r = LoadResult(scheduled=12.0, latency=0.004, status=200, index=3, variant="level_00", label=7)
-        >>> r.status, r.variant, r.label, r.phase
-        (200, 'level_00', 7, '')
-    """
+    """One request sent by :func:`run_load`. Times are seconds on ``time.monotonic``."""
 
     scheduled: float  #: when it was due (open loop) or sent (closed loop)
     latency: float  #: from ``scheduled`` to the full response (so queueing in the client counts)
@@ -171,30 +164,6 @@ def run_schedule(port: int, path: str, bodies: Sequence[bytes], steps: Sequence[
 
     >>> steps = [(30.0, 15.0, "0.3x"), (80.0, 15.0, "0.8x")]
     >>> res = run_schedule(8080, "/predictions/digits", [b'{"data": ...}'], steps)  # doctest: +SKIP
-
-    Against a stand-in server::
-
-        >>> import http.server, json, threading
-        >>> class Handler(http.server.BaseHTTPRequestHandler):
-        ...     protocol_version = "HTTP/1.1"
-        ...     def do_POST(self):
-        ...         self.rfile.read(int(self.headers["Content-Length"]))
-        ...         body = json.dumps({"variant": "a", "label": 1}).encode()
-        ...         self.send_response(200)
-        ...         self.send_header("Content-Length", str(len(body)))
-        ...         self.end_headers()
-        ...         self.wfile.write(body)
-        ...     def log_message(self, *args):
-        ...         pass
-        >>> server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        >>> threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
-        >>> res = run_schedule(server.server_port, "/p", [b"{}"], [(20.0, 0.5, "low"), (40.0, 0.5, "high")],
-        ...                    concurrency=4)
-        >>> server.shutdown(); server.server_close()
-        >>> [sum(r.phase == p for r in res) for p in ("low", "high")], {r.status for r in res}
-        ([10, 20], {200})
-        >>> round(res[10].scheduled - res[0].scheduled, 6)      # the second step starts at 0.5 s
-        0.5
     """
     if not (1 <= concurrency <= 256 and bodies and steps):
         raise ValueError("run_schedule: need 1..256 clients, at least one body and one step")
@@ -258,13 +227,7 @@ def run_schedule(port: int, path: str, bodies: Sequence[bytes], steps: Sequence[
 
 def effective_accuracy(results: Sequence[LoadResult], labels: Sequence[int],
                        deadline_s: float = DEFAULT_DEADLINE_S) -> float | None:
-    """Requests answered correctly within ``deadline_s`` of when they were due, over requests offered.
-
-    >>> res = [LoadResult(0.0, 0.02, 200, 0, "a", 3), LoadResult(0.1, 0.5, 200, 1, "a", 4),   # late
-    ...        LoadResult(0.2, 0.03, 200, 1, "a", 0), LoadResult(0.3, 1.0, 0, 0)]             # wrong, dropped
-    >>> effective_accuracy(res, labels=[3, 4])
-    0.25
-    """
+    """Requests answered correctly within ``deadline_s`` of when they were due, over requests offered."""
     if not results:
         return None
     good = sum(1 for r in results if r.status == 200 and r.latency <= deadline_s and r.label == labels[r.index])
@@ -275,10 +238,6 @@ def per_second(results: Sequence[LoadResult], labels: Sequence[int], t0: float, 
                deadline_s: float = DEFAULT_DEADLINE_S) -> list[dict[str, Any]]:
     """Per 1-s bucket of due time since ``t0``: requests offered, effective accuracy, on-time share,
     p99 latency (ms, answered requests) and the variant that answered most of them.
-
-    >>> res = [LoadResult(10.2, 0.02, 200, 0, "a", 3), LoadResult(11.5, 0.3, 200, 0, "b", 3)]
-    >>> [(b["offered"], b["effective_accuracy"], b["variant"]) for b in per_second(res, [3], 10.0, 2)]
-    [(1, 1.0, 'a'), (1, 0.0, 'b')]
     """
     buckets: list[list[LoadResult]] = [[] for _ in range(seconds)]
     for r in results:
@@ -308,17 +267,6 @@ def summarize(results: Sequence[LoadResult], labels: Sequence[int] | None = None
 
     ``labels[r.index]`` is the true label of the body a result sent; ``span_s`` defaults to the time
     from the first request due to the last response.
-
-    Example::
-
-        >>> results = [LoadResult(0.0, 0.010, 200, index=0, variant="a", label=3),
-        ...            LoadResult(0.5, 0.020, 200, index=1, variant="b", label=5),
-        ...            LoadResult(0.9, 0.030, 503, index=0)]
-        >>> s = summarize(results, labels=[3, 4], span_s=1.0)
-        >>> s["requests"], s["ok"], s["errors"], s["p50_ms"], s["p99_ms"], s["throughput_rps"]
-        (3, 2, 1, 10.0, 20.0, 2.0)
-        >>> s["accuracy"], s["variants"]
-        (0.5, {'a': 1, 'b': 1})
     """
     ok = [r for r in results if r.status == 200]
     lat = sorted(r.latency * 1000.0 for r in ok)
