@@ -80,15 +80,6 @@ def parse_rewind_point(rewind_to: int | str) -> tuple[int, str]:
 
     Accepts OpenLTH's forms: an int number of steps, ``"2000it"``, ``"2ep"``, or ``0`` for the
     original initialisation.
-
-    Example::
-
-        >>> parse_rewind_point(0), parse_rewind_point(500), parse_rewind_point("2000it"), parse_rewind_point("1ep")
-        ((0, 'it'), (500, 'it'), (2000, 'it'), (1, 'ep'))
-        >>> parse_rewind_point("1 epoch")
-        Traceback (most recent call last):
-            ...
-        ValueError: rewind_to='1 epoch' is not understood: use an int number of steps, 'Nit' (e.g. '2000it'), ...
     """
     if isinstance(rewind_to, bool):
         raise ValueError(f"rewind_to must be an int or a string like '500it' or '1ep', got {rewind_to!r}")

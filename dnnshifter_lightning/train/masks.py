@@ -69,19 +69,6 @@ def find_prunable(
             to leave dense. A pattern that matches no prunable module is an error: it is almost always
             a typo, and silently pruning the layer the user meant to protect would lose accuracy.
         include: optional ``(module_name, module) -> bool`` filter applied after ``types``.
-
-    Example::
-
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
-        >>> {name: tuple(w.shape) for name, w in find_prunable(net).items()}
-        {'0.weight': (4, 1, 3, 3), '3.weight': (10, 144)}
-        >>> list(find_prunable(net, exclude=["3"]))       # leave the classifier dense
-        ['0.weight']
-        >>> find_prunable(net, exclude=["classifier"])    # a typo is an error, not a silent no-op
-        Traceback (most recent call last):
-            ...
-        ValueError: exclude=['classifier'] matches no prunable layer. Prunable layers are: ['0', '3']
     """
     found: dict[str, nn.Parameter] = {}
     used: set[str] = set()
@@ -150,25 +137,6 @@ def prune_step(
     Entries already pruned stay pruned, so masks are nested from level to level. Weights whose layer
     name matches a key of ``layer_fractions`` (exact name or fnmatch pattern) are ranked on their own
     and pruned at that layer's fraction instead.
-
-    Example::
-
-        >>> import torch
-        >>> weights = {"w": torch.tensor([[0.5, -0.1], [2.0, 0.3]])}
-        >>> level1 = prune_step(weights, {}, fraction=0.5)      # the 2 smallest of 4 go
-        >>> level1["w"]
-        tensor([[ True, False],
-                [ True, False]])
-        >>> prune_step(weights, level1, fraction=0.5)["w"]     # half of the 2 survivors go
-        tensor([[False, False],
-                [ True, False]])
-        >>> from torch import nn
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
-        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
-        >>> masks = prune_step(find_prunable(net), {}, 0.2, layer_fractions={"3": 0.1})
-        >>> {name: round(1 - m.float().mean().item(), 3) for name, m in masks.items()}
-        {'0.weight': 0.194, '3.weight': 0.1}
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
@@ -190,60 +158,27 @@ def prune_step(
 
 
 def count_surviving(masks: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    """``(surviving, total)`` entries over all masks.
-
-    Example::
-
-        >>> import torch
-        >>> count_surviving({"a": torch.tensor([True, False]), "b": torch.ones(2, 3, dtype=torch.bool)})
-        (7, 8)
-    """
+    """``(surviving, total)`` entries over all masks."""
     alive = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     return alive, total
 
 
 def sparsity(masks: Mapping[str, torch.Tensor]) -> float:
-    """Fraction of pruned entries over all masks (0.0 when there are none).
-
-    Example::
-
-        >>> import torch
-        >>> sparsity({"a": torch.tensor([True, False, False, True])})
-        0.5
-        >>> sparsity({})
-        0.0
-    """
+    """Fraction of pruned entries over all masks (0.0 when there are none)."""
     alive, total = count_surviving(masks)
     return 0.0 if total == 0 else 1.0 - alive / total
 
 
 def survivors_after(n: int, fraction: float, levels: int) -> int:
-    """How many of ``n`` weights survive ``levels`` rounds of pruning ``fraction`` of the survivors.
-
-    Example::
-
-        >>> survivors_after(1000, 0.2, levels=3)   # 1000 -> 800 -> 640 -> 512
-        512
-    """
+    """How many of ``n`` weights survive ``levels`` rounds of pruning ``fraction`` of the survivors."""
     for _ in range(levels):
         n -= int(round(fraction * n))
     return n
 
 
 def mask_digest(masks: Mapping[str, torch.Tensor]) -> str:
-    """A sha256 over all masks (name order fixed), to compare masks across ranks and runs.
-
-    Example::
-
-        >>> import torch
-        >>> a = {"x": torch.tensor([True, False]), "y": torch.tensor([True])}
-        >>> b = {"y": torch.tensor([True]), "x": torch.tensor([True, False])}
-        >>> mask_digest(a) == mask_digest(b), len(mask_digest(a))
-        (True, 64)
-        >>> mask_digest(a) == mask_digest({**a, "y": torch.tensor([False])})
-        False
-    """
+    """A sha256 over all masks (name order fixed), to compare masks across ranks and runs."""
     h = hashlib.sha256()
     for name in sorted(masks):
         h.update(name.encode())
