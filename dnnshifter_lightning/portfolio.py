@@ -48,7 +48,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import safetensors.torch
 import torch

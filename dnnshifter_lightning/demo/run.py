@@ -44,14 +44,7 @@ LADDER_CRITERIA: dict[str, float] = {"members": 4, "points": 3.0, "samples": 10,
 
 @dataclass(frozen=True)
 class LadderReport:
-    """How a portfolio's front measures against :data:`LADDER_CRITERIA`; ``problems`` is empty when it passes.
-
-    Example::
-
-        >>> report = LadderReport(["l2", "l9"], 4.2, 15, 2.0, ["front has 2 variants < 4"])
-        >>> report.ok, report.lines()[-1]
-        (False, 'NOT MET: front has 2 variants < 4')
-    """
+    """How a portfolio's front measures against :data:`LADDER_CRITERIA`; ``problems`` is empty when it passes."""
 
     front: list[str]
     accuracy_points: float | None
@@ -80,18 +73,6 @@ def ladder_report(manifest: dict[str, Any], val_samples: int | None,
 
     ``val_samples`` is the size of the validation set the accuracies were measured on (the manifest
     does not record it); with ``None`` the sample criterion cannot be checked and is reported unmet.
-
-    Example::
-
-        >>> def v(vid, acc, ms8):
-        ...     return {"id": vid, "accuracy": acc, "latency_ms": {"1": ms8 / 4, "8": ms8}}
-        >>> ladder = [v("l2", 0.99, 30.0), v("l8", 0.98, 20.0), v("l10", 0.97, 12.0), v("l12", 0.95, 6.0)]
-        >>> report = ladder_report({"variants": ladder}, val_samples=360)
-        >>> report.ok, report.front, round(report.accuracy_points, 1), report.accuracy_samples, report.latency_ratio
-        (True, ['l2', 'l8', 'l10', 'l12'], 4.0, 14, 5.0)
-        >>> flat = [v("l2", 0.995, 30.0), v("l8", 0.994, 20.0), v("l10", 0.993, 19.0), v("l12", 0.992, 18.0)]
-        >>> ladder_report({"variants": flat}, val_samples=360).problems
-        ['accuracy spread 0.3 points < 3', 'accuracy spread 1 validation samples < 10', 'latency spread 1.7x < 3x']
     """
     from dnnshifter_lightning.serve.served import pareto_front
 

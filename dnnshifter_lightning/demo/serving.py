@@ -51,19 +51,6 @@ def choose_engine(requested: str | None = None) -> tuple[str, str]:
 
     An engine asked for by name is checked now, before any training: TorchServe without Java
     raises :class:`~dnnshifter_lightning.serving.JavaMissingError` (with how to install it).
-
-    >>> choose_engine("litserve")
-    ('litserve', 'LitServe, as asked (--engine litserve)')
-    >>> choose_engine("triton")
-    Traceback (most recent call last):
-        ...
-    ValueError: --engine triton: choose torchserve or litserve
-    >>> import os, tempfile
-    >>> from unittest import mock
-    >>> with mock.patch.dict(os.environ, {"JAVA_HOME": tempfile.mkdtemp()}):   # no Java here
-    ...     engine, why = choose_engine()
-    >>> engine, why.split(":")[0]
-    ('litserve', 'LitServe (pure Python), because TorchServe needs Java 17 and JAVA_HOME=... has no bin/java')
     """
     if requested is not None and requested not in ENGINES:
         raise ValueError(f"--engine {requested}: choose torchserve or litserve")

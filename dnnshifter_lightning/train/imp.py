@@ -112,6 +112,7 @@ def _cpu_clone(obj: Any) -> Any:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to memory, then one :func:`atomic_write` (a crash never leaves half a checkpoint)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, buffer.getvalue())

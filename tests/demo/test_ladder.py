@@ -81,3 +81,9 @@ def test_the_plot_draws_the_front_and_greys_the_rest(tmp_path):
     pytest.importorskip("matplotlib")
     png = plot_portfolio(manifest, tmp_path / "portfolio.png")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ladder_report_lines_end_with_what_is_not_met():
+    from dnnshifter_lightning.demo.run import LadderReport
+    report = LadderReport(["l2", "l9"], 4.2, 15, 2.0, ["front has 2 variants < 4"])
+    assert not report.ok and report.lines()[-1] == "NOT MET: front has 2 variants < 4"
