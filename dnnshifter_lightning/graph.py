@@ -68,15 +68,7 @@ _INPUT_DTYPES: dict[str, torch.dtype] = {str(t).removeprefix("torch."): t for t 
 
 
 class GraphError(ValueError):
-    """The graph is malformed, uses an operator outside the allow-list, or cannot be saved.
-
-    Example::
-
-        >>> validate_graph({"format": GRAPH_FORMAT, "version": GRAPH_VERSION, "guards_code": "..."}, {})
-        Traceback (most recent call last):
-            ...
-        dnnshifter_lightning.graph.GraphError: graph: unexpected keys ['guards_code'], missing ['inputs', 'nodes', 'outputs', 'tensors']
-    """
+    """The graph is malformed, uses an operator outside the allow-list, or cannot be saved."""
 
 
 _aten = torch.ops.aten
@@ -390,20 +382,6 @@ class GraphVariant(nn.Module):
     Its parameters and buffers carry the original module's names (``features.0.weight``), in
     empty container modules, so the runtime can swap them (skeleton + weights) as for any module.
     Every input dimension but the batch is checked. Build it with :func:`build_variant`.
-
-    Example::
-
-        >>> g = {"format": GRAPH_FORMAT, "version": GRAPH_VERSION,
-        ...      "inputs": [{"shape": [None, 3], "dtype": "float32"}],
-        ...      "tensors": [{"name": "fc.weight", "kind": "parameter"}],
-        ...      "nodes": [{"op": "aten.linear.default", "args": [{"ref": 0}, {"ref": 1}]}], "outputs": [{"ref": 2}]}
-        >>> m = GraphVariant(g, {"fc.weight": torch.eye(3)})
-        >>> m(torch.ones(4, 3)).shape, [name for name, _ in m.named_parameters()]
-        (torch.Size([4, 3]), ['fc.weight'])
-        >>> m(torch.ones(4, 5))
-        Traceback (most recent call last):
-            ...
-        ValueError: expected an input of shape (batch, 3), got (4, 5)
     """
 
     def __init__(self, graph: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
@@ -500,19 +478,6 @@ def build_variant(graph: Any, tensors: Mapping[str, tuple[torch.dtype, tuple[int
     ``tensors`` gives each stored tensor's dtype and shape. The dry run (batch 1 and 2, no memory,
     no data) proves the shapes agree and bounds the activations (:data:`MAX_ACTIVATION_BYTES` at
     batch 1). The caller then assigns the real tensors with :meth:`GraphVariant.assign_tensors`.
-
-    Example::
-
-        >>> g = {"format": GRAPH_FORMAT, "version": GRAPH_VERSION,
-        ...      "inputs": [{"shape": [None, 3], "dtype": "float32"}],
-        ...      "tensors": [{"name": "w", "kind": "parameter"}],
-        ...      "nodes": [{"op": "aten.linear.default", "args": [{"ref": 0}, {"ref": 1}]}], "outputs": [{"ref": 2}]}
-        >>> build_variant(g, {"w": (torch.float32, (2, 3))}).w.is_meta
-        True
-        >>> build_variant(g, {"w": (torch.float32, (2, 4))})     # shapes that disagree fail at load
-        Traceback (most recent call last):
-            ...
-        dnnshifter_lightning.graph.GraphError: graph.nodes[0] fails on a batch of 1: RuntimeError: ...
     """
     validate_graph(graph, tensors)
     try:
@@ -585,12 +550,6 @@ def graph_from_module(module: nn.Module, example_input: torch.Tensor) -> tuple[d
     """Export ``module`` (eval mode, dynamic batch) to ``(graph, tensors)``; checks the interpreted graph.
 
     Raises :class:`GraphError` naming the operator when the module uses one outside :data:`OPS`.
-
-    Example::
-
-        >>> graph, tensors = graph_from_module(nn.Sequential(nn.Linear(3, 2), nn.ReLU()), torch.zeros(2, 3))
-        >>> [n["op"] for n in graph["nodes"]], sorted(tensors), graph["inputs"][0]["shape"]
-        (['aten.linear.default', 'aten.relu.default'], ['0.bias', '0.weight'], [None, 3])
     """
     from torch.export.graph_signature import InputKind, OutputKind
 
