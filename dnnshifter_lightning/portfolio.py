@@ -49,6 +49,7 @@ import os
 import re
 import stat
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -62,6 +63,7 @@ from dnnshifter_lightning.graph import GraphError
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "VARIANT_SUFFIX", "PortfolioError",
+    "Variant",
     "save_variant", "load_variant", "write_manifest", "read_manifest", "verify_portfolio",
     "validate_manifest", "sort_variants", "variant_state", "atomic_write_bytes", "pareto_front", "profiles_from_manifest", "load_json",
     "MAX_MANIFEST_BYTES", "MAX_VARIANT_BYTES", "MAX_HEADER_BYTES", "INPUT_DTYPES",
@@ -422,6 +424,60 @@ def variant_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------- manifest
+
+@dataclass
+class Variant:
+    """One variant's record in ``manifest.json`` (see :func:`validate_manifest` for the rules).
+
+    ``accuracy``, ``sparse_accuracy`` and ``max_abs_diff`` are written even when ``None`` (null:
+    not measured). ``checkpoint``, ``prune_seconds`` and ``sparse`` (the sparse source's
+    measurements) are what the builder adds, written only when set; ``extra`` keeps any other key
+    of a record read with :meth:`from_dict`. :meth:`to_dict` writes the keys in this order.
+    """
+
+    id: str
+    level: int
+    sparsity: float
+    params: int
+    nonzero_params: int
+    file: str
+    bytes_raw: int
+    bytes_compressed: int
+    sha256: str
+    macs: int
+    latency_ms: dict[str, float]
+    accuracy: float | None = None
+    sparse_accuracy: float | None = None
+    max_abs_diff: float | None = None
+    checkpoint: str | None = None
+    prune_seconds: float | None = None
+    sparse: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _OPTIONAL = ("checkpoint", "prune_seconds", "sparse")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest record: a plain JSON-ready dict."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or (f.name in self._OPTIONAL and value is None):
+                continue
+            out[f.name] = value
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Variant:
+        """A :class:`Variant` from a manifest record; keys it does not name go to ``extra``.
+
+        Raises:
+            TypeError: when a required field is missing.
+        """
+        names = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in record.items() if k in names},
+                   extra={k: v for k, v in record.items() if k not in names})
+
 
 def sort_variants(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Most to least accurate; ties by smaller compressed size, then lower batch-1 latency.

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Callable, Iterable
@@ -23,8 +24,8 @@ import torchmetrics
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_nonzero", "count_macs", "measure_latency_ms", "measure_accuracy", "state_bytes",
-           "unpack_batch", "INPUT_KEYS", "TARGET_KEYS"]
+__all__ = ["count_params", "count_nonzero", "count_macs", "forward_seconds", "measure_latency_ms", "measure_accuracy",
+           "state_bytes", "unpack_batch", "batch_unpacker", "Unpack", "INPUT_KEYS", "TARGET_KEYS"]
 
 
 def _tensors(module: nn.Module, buffers: bool) -> Iterable[torch.Tensor]:
@@ -96,32 +97,41 @@ def count_macs(module: nn.Module, example_input: torch.Tensor) -> int:
     return int(counter.get_total_flops()) // 2
 
 
-def measure_latency_ms(module: nn.Module, example_input_batch: torch.Tensor, warmup: int = 5,
-                       repeats: int = 20) -> float:
-    """Median wall-clock milliseconds of ``module(example_input_batch)`` after ``warmup`` runs.
+def forward_seconds(module: nn.Module, batch: Any, warmup: int = 5, repeats: int = 20,
+                    sync: Callable[[], None] | None = None) -> list[float]:
+    """Wall-clock seconds of each of ``repeats`` calls ``module(batch)``, after ``warmup`` untimed calls.
 
-    Runs under :func:`torch.inference_mode`. Thread count is the caller's choice
-    (``torch.set_num_threads``); the builder measures on one thread.
+    The one timing loop of the library. Runs under :func:`torch.inference_mode`; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called after each timed call, inside the timing. The thread
+    count is the caller's choice (``torch.set_num_threads``).
 
-    Example::
-
-        >>> import torch
-        >>> from torch import nn
-        >>> ms = measure_latency_ms(nn.Linear(16, 4), torch.zeros(8, 16), warmup=1, repeats=3)
-        >>> isinstance(ms, float) and ms > 0
-        True
+    Raises:
+        ValueError: when ``repeats < 1``.
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     times = []
     with torch.inference_mode():
         for _ in range(warmup):
-            module(example_input_batch)
+            module(batch)
         for _ in range(repeats):
             start = time.perf_counter()
-            module(example_input_batch)
-            times.append((time.perf_counter() - start) * 1e3)
-    return float(statistics.median(times))
+            module(batch)
+            if sync is not None:
+                sync()
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_latency_ms(module: nn.Module, example_input_batch: torch.Tensor, warmup: int = 5,
+                       repeats: int = 20) -> float:
+    """Median milliseconds of ``module(example_input_batch)`` (:func:`forward_seconds`); the builder
+    measures on one thread.
+
+    Raises:
+        ValueError: when ``repeats < 1``.
+    """
+    return float(statistics.median([t * 1e3 for t in forward_seconds(module, example_input_batch, warmup, repeats)]))
 
 
 #: Dict-batch keys tried, in order, for the input and for the labels when none are named.
@@ -171,6 +181,21 @@ def unpack_batch(batch: Any, input_key: str | None = None, target_key: str | Non
         return batch[0], (batch[1] if len(batch) > 1 else None)
     raise ValueError(f"cannot read inputs from a batch of type {type(batch).__name__}: pass unpack_batch=a callable "
                      f"batch -> (inputs, targets)")
+
+
+Unpack = Callable[[Any], "tuple[Any, Any]"]
+
+
+def batch_unpacker(input_key: str | None = None, target_key: str | None = None,
+                   unpack: Unpack | None = None) -> Unpack:
+    """The ``batch -> (inputs, targets)`` function for the given options: ``unpack`` when given, else
+    :func:`unpack_batch` reading dict batches at ``input_key``/``target_key``.
+    """
+    if unpack is not None:
+        return unpack
+    if input_key is None and target_key is None:
+        return unpack_batch
+    return functools.partial(unpack_batch, input_key=input_key, target_key=target_key)
 
 
 def measure_accuracy(module: nn.Module, dataloader: Iterable[Any], num_classes: int,

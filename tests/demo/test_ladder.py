@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from dnnshifter_lightning.shrink.build import portfolio_show_command
+from dnnshifter_lightning.cli import portfolio_show_command
 from dnnshifter_lightning.demo.run import ladder_report
 from dnnshifter_lightning.shrink.plot import plot_points, plot_portfolio
 from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, save_variant, write_manifest
