@@ -46,7 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, machine_line, markdown_table, median, update_readme, write_json  # noqa: E402
 
 from dnnshifter_lightning.demo.models import cifar_vgg16  # noqa: E402
-from dnnshifter_lightning.shrink.structured import _prune, clear_analysis_cache, prune_structurally  # noqa: E402
+from _paper_rule import prune_zero_filters  # noqa: E402
+
+from dnnshifter_lightning.shrink.structured import clear_analysis_cache, prune_structurally  # noqa: E402
 
 console = Console(width=200)
 TIME_NOTE = ("prune ms: median time per variant once the architecture's dependency analysis is cached, as for "
@@ -139,9 +141,7 @@ def bench_architecture(name: str, sparsities: list[float], rounds: int, lat_roun
             ours = prune_structurally(sparse, example)
             assert ours.analysis_reused
             ours_t.append(ours.seconds)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dnn = _prune(sparse, example, mode="dnnshifter", fuse_bn=True, rtol=1e-4)
+            dnn = prune_zero_filters(sparse, example)  # benchmarks/_paper_rule.py
             dnn_t.append(dnn.seconds)
         fresh = torch.randn(4, *shape)
         raw_s, zst_s = file_bytes(sparse, example, size_method)
