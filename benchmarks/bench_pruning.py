@@ -8,9 +8,10 @@
    in few filters), with random BN statistics and shifts of both signs. For each checkpoint:
    ``prune_structurally`` time (median), variant vs sparse source parameter ratio, file-size
    ratio, and CPU latency ratio at batch 1 and 8 (medians, interleaved).
-2. **DNNShifter's rule** on the same checkpoints: drop every channel whose filters are all zero,
-   together with its BN shift, and compensate nothing. We report channels removed and the output
-   error this introduces (max |y - y_sparse| / max |y_sparse| on fresh inputs).
+2. **DNNShifter's rule** on the same checkpoints (``_paper_rule.py``, benchmark-side): drop every
+   channel whose filters are all zero, together with its BN shift, and compensate nothing. We report
+   channels removed and the output error this introduces (max |y - y_sparse| / max |y_sparse| on
+   fresh inputs).
 3. **Time to a variant on digits.** A DigitsClassifier is trained with the IMP callback. Each
    level's checkpoint becomes a variant by structural pruning, without fine-tuning. The
    conventional route prunes the dense level-0 model to the same size with Torch-Pruning's

@@ -1,4 +1,4 @@
-"""The ``dnnshifter`` command (typer): every command, and the console output of the TorchServe ones.
+"""The ``dnnshifter`` command (typer): every command, and the console output of the portfolio and TorchServe ones.
 
     dnnshifter demo --out DIR [--engine torchserve|litserve]
     dnnshifter portfolio build CKPT_DIR --model package.module:Class --out DIR [--datamodule package.module:Class]

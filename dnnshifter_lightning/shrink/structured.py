@@ -19,20 +19,6 @@ The dependency analysis (Torch-Pruning's autograd trace and the grouping) depend
 model's structure, so it is cached: the later checkpoints of one architecture, such as the levels
 of an IMP run, reuse the first one's and pay only for reading their own weights, one forward pass,
 the copy and the verification.
-
-Example::
-
-    >>> import torch
-    >>> from dnnshifter_lightning.demo.models import DigitsCNN
-    >>> from dnnshifter_lightning.shrink.structured import prune_structurally
-    >>> model = DigitsCNN(width=8).eval()
-    >>> with torch.no_grad():
-    ...     model.features[3].weight[:4] = 0          # four dead filters in the second conv
-    >>> result = prune_structurally(model, torch.randn(4, 1, 8, 8))
-    >>> result.params_after < result.params_before
-    True
-    >>> result.max_abs_diff < 1e-4
-    True
 """
 
 from __future__ import annotations
@@ -58,24 +44,6 @@ __all__ = ["prune_structurally", "PruneResult", "StructuralPruningError", "clear
 class StructuralPruningError(RuntimeError):
     """The model could not be pruned exactly: it could not be analysed, or the pruned model's outputs
     differ from the sparse model's beyond the tolerance.
-
-    Example::
-
-        >>> import torch
-        >>> import lightning as L
-        >>> from torch import nn
-        >>> class Branchy(L.LightningModule):            # torch.fx cannot trace data-dependent control flow
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.fc = nn.Linear(4, 2)
-        ...     def forward(self, x):
-        ...         return self.fc(x) if x.sum() > 0 else -self.fc(x)
-        >>> prune_structurally(Branchy(), torch.ones(2, 4))
-        Traceback (most recent call last):
-            ...
-        dnnshifter_lightning.shrink.structured.StructuralPruningError: could not trace Branchy.forward with torch.fx ...
-        >>> prune_structurally(Branchy().fc, torch.ones(2, 4)).params_after    # the inner module is fine
-        10
     """
 
 
@@ -93,23 +61,6 @@ class PruneResult:
     ``timings`` gives seconds per stage: ``trace`` (the analysis, near 0 when reused),
     ``forward`` (reference output and input statistics), ``analyse`` (which channels go, with
     ``analyse.*`` sub-stages), ``slice`` (the new model) and ``verify``.
-
-    Example::
-
-        >>> import torch
-        >>> from dnnshifter_lightning.demo.models import DigitsCNN
-        >>> model = DigitsCNN(width=4).eval()
-        >>> with torch.no_grad():
-        ...     model.features[0].weight[:2] = 0          # 2 of the first conv's 4 filters are dead
-        >>> result = prune_structurally(model, torch.randn(4, 1, 8, 8))
-        >>> result.removed["features.0"]
-        {'before': 4, 'after': 2, 'reasons': {'zero_constant': 2}}
-        >>> result.channels_removed, result.reason_counts, result.kept_unsupported
-        (2, {'zero_constant': 2}, {})
-        >>> result.params_before, result.params_after         # the BNs were fused into the convs, too
-        (4782, 4634)
-        >>> result.model.features[0], result.max_abs_diff <= result.tolerance
-        (Conv2d(1, 2, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1)), True)
     """
 
     model: nn.Module
@@ -201,15 +152,6 @@ def clear_analysis_cache() -> None:
 
     The analysis depends only on the model's structure, so later checkpoints of one architecture
     reuse it. Clearing is only needed to measure a cold run, or after patching the analysis.
-
-    Example::
-
-        >>> import torch
-        >>> from dnnshifter_lightning.demo.models import DigitsCNN
-        >>> net, x = DigitsCNN(width=4).eval(), torch.randn(2, 1, 8, 8)
-        >>> clear_analysis_cache()
-        >>> prune_structurally(net, x).analysis_reused, prune_structurally(net, x).analysis_reused
-        (False, True)
     """
     with _CACHE_LOCK:
         _ARCHITECTURES.clear()
