@@ -8,9 +8,10 @@
    in few filters), with random BN statistics and shifts of both signs. For each checkpoint:
    ``prune_structurally`` time (median), variant vs sparse source parameter ratio, file-size
    ratio, and CPU latency ratio at batch 1 and 8 (medians, interleaved).
-2. **DNNShifter's rule** on the same checkpoints: drop every channel whose filters are all zero,
-   together with its BN shift, and compensate nothing. We report channels removed and the output
-   error this introduces (max |y - y_sparse| / max |y_sparse| on fresh inputs).
+2. **DNNShifter's rule** on the same checkpoints (``_paper_rule.py``, benchmark-side): drop every
+   channel whose filters are all zero, together with its BN shift, and compensate nothing. We report
+   channels removed and the output error this introduces (max |y - y_sparse| / max |y_sparse| on
+   fresh inputs).
 3. **Time to a variant on digits.** A DigitsClassifier is trained with the IMP callback. Each
    level's checkpoint becomes a variant by structural pruning, without fine-tuning. The
    conventional route prunes the dense level-0 model to the same size with Torch-Pruning's
@@ -46,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine, machine_line, markdown_table, median, update_readme, write_json  # noqa: E402
 
 from dnnshifter_lightning.demo.models import cifar_vgg16  # noqa: E402
-from dnnshifter_lightning.shrink.structured import _prune, clear_analysis_cache, prune_structurally  # noqa: E402
+from _paper_rule import prune_zero_filters  # noqa: E402
+
+from dnnshifter_lightning.shrink.structured import clear_analysis_cache, prune_structurally  # noqa: E402
 
 console = Console(width=200)
 TIME_NOTE = ("prune ms: median time per variant once the architecture's dependency analysis is cached, as for "
@@ -139,9 +142,7 @@ def bench_architecture(name: str, sparsities: list[float], rounds: int, lat_roun
             ours = prune_structurally(sparse, example)
             assert ours.analysis_reused
             ours_t.append(ours.seconds)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dnn = _prune(sparse, example, mode="dnnshifter", fuse_bn=True, rtol=1e-4)
+            dnn = prune_zero_filters(sparse, example)  # benchmarks/_paper_rule.py
             dnn_t.append(dnn.seconds)
         fresh = torch.randn(4, *shape)
         raw_s, zst_s = file_bytes(sparse, example, size_method)

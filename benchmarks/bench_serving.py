@@ -84,7 +84,7 @@ def bench_portfolio(out: Path | None = None, widths=WIDTHS, epochs: int = EPOCHS
     Cached: a portfolio already at ``out`` (default: the user cache dir, keyed by the recipe) is reused."""
     from dnnshifter_lightning.demo.digits import DIGITS_INPUT_SPEC, DigitsDataModule
     from dnnshifter_lightning.demo.models import DigitsCNN
-    from dnnshifter_lightning.portfolio import (FORMAT_VERSION, VARIANT_SUFFIX, save_variant, sort_variants,
+    from dnnshifter_lightning.portfolio import (FORMAT_VERSION, VARIANT_SUFFIX, Variant, save_variant, sort_variants,
                                                 verify_portfolio, write_manifest)
     from dnnshifter_lightning.shrink.measure import count_macs, count_params, measure_accuracy, measure_latency_ms
 
@@ -121,12 +121,12 @@ def bench_portfolio(out: Path | None = None, widths=WIDTHS, epochs: int = EPOCHS
         torch.set_num_threads(1)  # as the builder measures
         latency = {str(b): measure_latency_ms(model, example[:b]) for b in (1, 8)}
         torch.set_num_threads(threads)
-        variants.append({
-            "id": f"w{width}", "level": level, "sparsity": 0.0, "params": n, "nonzero_params": n, "file": rel,
-            "bytes_raw": info["bytes_raw"], "bytes_compressed": info["bytes_compressed"], "sha256": info["sha256"],
-            "macs": count_macs(model, example[:1]), "latency_ms": latency,
-            "accuracy": measure_accuracy(model, val, 10), "sparse_accuracy": None, "max_abs_diff": 0.0,
-        })
+        variants.append(Variant(
+            id=f"w{width}", level=level, sparsity=0.0, params=n, nonzero_params=n, file=rel,
+            bytes_raw=info["bytes_raw"], bytes_compressed=info["bytes_compressed"], sha256=info["sha256"],
+            macs=count_macs(model, example[:1]), latency_ms=latency,
+            accuracy=measure_accuracy(model, val, 10), sparse_accuracy=None, max_abs_diff=0.0,
+        ).to_dict())
         console(f"trained w{width}: accuracy {variants[-1]['accuracy']:.2%}, b8 {latency['8']:.1f} ms "
                 f"({time.perf_counter() - started:.0f} s)")
     spec = dict(DIGITS_INPUT_SPEC, shape=[1, SIZE, SIZE])

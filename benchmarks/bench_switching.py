@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dnnshifter_lightning.demo.models import DigitsCNN  # noqa: E402
-from dnnshifter_lightning.portfolio import load_variant, read_manifest, save_variant, write_manifest  # noqa: E402
+from dnnshifter_lightning.portfolio import load_variant, read_manifest, Variant, save_variant, write_manifest  # noqa: E402
 from dnnshifter_lightning.serve.runtime import PortfolioRuntime  # noqa: E402
 from _common import machine, machine_line, markdown_table, update_readme  # noqa: E402
 
@@ -87,9 +87,9 @@ def build_portfolio(out: Path, width: int) -> dict[str, Any]:
         info = save_variant(model, example, out / f"{vid}.safetensors.zst")
         params = sum(p.numel() for p in model.parameters())
         nonzero = sum(int((p != 0).sum()) for p in model.parameters())
-        variants.append({"id": vid, "level": level, "sparsity": sparsity, "params": params, "nonzero_params": nonzero,
-                         "macs": 0, "latency_ms": {"1": 1.0, "8": 1.0}, "accuracy": None, "sparse_accuracy": None,
-                         "max_abs_diff": None, **info})
+        variants.append(Variant(id=vid, level=level, sparsity=sparsity, params=params, nonzero_params=nonzero,
+                                macs=0, latency_ms={"1": 1.0, "8": 1.0}, accuracy=None, sparse_accuracy=None,
+                                max_abs_diff=None, **info).to_dict())
     write_manifest(out, {"format_version": 2, "input_spec": {"shape": [1, 8, 8], "dtype": "float32"},
                          "variants": variants})
     return {"source": "built by bench_switching.py", "model": f"DigitsCNN(width={width}), random weights",

@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "IterativeMagnitudePruning": "dnnshifter_lightning.train.imp",
-    "PortfolioBuilder": "dnnshifter_lightning.shrink.build",
+    "PortfolioBuilder": "dnnshifter_lightning.shrink.callback",
     "prune_structurally": "dnnshifter_lightning.shrink.structured",
     "PortfolioRuntime": "dnnshifter_lightning.serve.runtime",
     "PortfolioLitAPI": "dnnshifter_lightning.serve.litserve",

@@ -1,4 +1,4 @@
-"""The ``dnnshifter`` command (typer): every command, and the console output of the TorchServe ones.
+"""The ``dnnshifter`` command (typer): every command, and the console output of the portfolio and TorchServe ones.
 
     dnnshifter demo --out DIR [--engine torchserve|litserve]
     dnnshifter portfolio build CKPT_DIR --model package.module:Class --out DIR [--datamodule package.module:Class]
@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,8 +80,6 @@ def portfolio_build(
     target_key: Optional[str] = typer.Option(None, "--target-key", help="Key of the labels in dict batches."),
 ) -> None:
     """Structurally prune level checkpoints trained elsewhere into a portfolio."""
-    from dnnshifter_lightning.shrink.build import portfolio_build_command
-
     try:
         portfolio_build_command(ckpt_dir, model, out, datamodule, input_shape=input_shape, input_key=input_key,
                                 target_key=target_key)
@@ -90,12 +90,126 @@ def portfolio_build(
 @portfolio_app.command("show")
 def portfolio_show(directory: Path = typer.Argument(..., help="Portfolio directory.")) -> None:
     """Print a portfolio's table (and verify its files)."""
-    from dnnshifter_lightning.shrink.build import portfolio_show_command
-
     try:
         portfolio_show_command(directory)
     except (ValueError, FileNotFoundError) as exc:
         _exit_with(exc)
+
+
+# ------------------------------------------------------------------------------ portfolio commands
+# Plain functions behind `dnnshifter portfolio build|show`; they print the progress and the table.
+
+def import_object(spec: str) -> Any:
+    """``"package.module:Name"`` (dotted attributes too, ``module:Class.method``) -> the object.
+
+    Raises:
+        ValueError: ``spec`` is not ``package.module:Name``.
+        ImportError, AttributeError: the module or the name does not exist.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'package.module:Class', got {spec!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_input_shape(text: str) -> list[int]:
+    """``"3,32,32"`` -> ``[3, 32, 32]`` (the CLI's ``--input-shape``, without the batch dimension).
+
+    Raises:
+        ValueError: anything but comma-separated positive ints.
+    """
+    try:
+        shape = [int(part) for part in text.split(",")]
+    except ValueError:
+        shape = []
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"--input-shape must be comma-separated positive ints without the batch dimension, "
+                         f"e.g. 3,32,32; got {text!r}")
+    return shape
+
+
+def portfolio_build_command(ckpt_dir: Path, model: str, out: Path, datamodule: str | None = None,
+                            input_shape: str | None = None, input_key: str | None = None,
+                            target_key: str | None = None) -> dict[str, Any]:
+    """``dnnshifter portfolio build CKPT_DIR --model pkg.mod:Class --out DIR [--datamodule pkg.mod:Class]
+    [--input-shape C,H,W] [--input-key K --target-key K]``: returns the manifest written.
+
+    The model class is loaded with ``load_from_checkpoint`` (from the checkpoint's hparams). The
+    validation data comes from ``--datamodule`` or the model's own ``val_dataloader``. The input
+    shape comes from ``--input-shape``, else an ``input_spec`` attribute (of the loaded model or
+    the DataModule), else the loaded model's ``example_input_array``, else the validation batches.
+
+    Raises:
+        FileNotFoundError: no level checkpoints in ``ckpt_dir``.
+        ValueError: a bad ``--model``/``--input-shape``, or no input shape (the message names the ways).
+    """
+    import lightning as L
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    from dnnshifter_lightning.shrink.build import build_portfolio, level_checkpoints, resolve_input
+    from dnnshifter_lightning.shrink.callback import first_loader
+    from dnnshifter_lightning.shrink.measure import batch_unpacker
+    from dnnshifter_lightning.shrink.report import BuildProgress, build_console, portfolio_table
+    from dnnshifter_lightning.train.checkpoints import module_loader
+
+    module_cls = import_object(model)
+    paths = level_checkpoints(ckpt_dir)
+    unpack = batch_unpacker(input_key, target_key)
+    # Built from the checkpoint's hparams, so attributes set in __init__ (example_input_array) are seen.
+    first = module_loader(module_cls)(paths[0])
+    dm = import_object(datamodule)() if datamodule else None
+    loader = None
+    if dm is not None:
+        dm.prepare_data()
+        dm.setup("validate")
+        loader = first_loader(dm.val_dataloader())
+    elif is_overridden("val_dataloader", first, parent=L.LightningModule):
+        loader = first_loader(first.val_dataloader())
+    else:
+        warnings.warn(f"{model} defines no val_dataloader and no --datamodule was given: accuracies will be null",
+                      stacklevel=2)
+    spec = dict(getattr(first, "input_spec", None) or getattr(dm, "input_spec", None) or {})
+    if input_shape is not None:
+        spec["shape"] = parse_input_shape(input_shape)
+    try:
+        example_input = getattr(first, "example_input_array", None)
+    except Exception:  # noqa: BLE001 - a property that needs a trainer
+        example_input = None
+    try:
+        resolve_input(spec, example_input, loader, unpack=unpack, n=1)
+    except ValueError as exc:
+        if "no input shape" in str(exc):
+            raise ValueError(f"no input shape for {model}: give --input-shape C,H,W, set example_input_array on "
+                             f"{model} (e.g. torch.zeros(1, C, H, W) in __init__), or give --datamodule "
+                             f"(its validation batches give the shape)") from exc
+        raise
+    out_console = build_console()
+    with BuildProgress(out_console) as progress:
+        manifest = build_portfolio(paths, module_cls, out, loader, spec, example_input_array=example_input,
+                                   unpack=unpack, progress=progress)
+    out_console.print(portfolio_table(manifest, title=f"portfolio {Path(out)}"))
+    return manifest
+
+
+def portfolio_show_command(dir: Path) -> dict[str, Any]:  # noqa: A002 - the CLI argument's name
+    """``dnnshifter portfolio show DIR``: verify every file's sha256 and print the table; returns the manifest.
+
+    Raises:
+        PortfolioError: a file that does not match the manifest, or an invalid manifest.
+    """
+    from dnnshifter_lightning.portfolio import MANIFEST_NAME, verify_portfolio
+    from dnnshifter_lightning.shrink.report import build_console, portfolio_table
+
+    manifest = verify_portfolio(dir)
+    out_console = build_console()  # pipes and logs get the full table
+    out_console.print(portfolio_table(manifest, title=f"portfolio {dir} ({len(manifest['variants'])} variants, sha256 ok)"))
+    spec = manifest["input_spec"]
+    out_console.print(f"input: shape {spec['shape']} {spec['dtype']}; built {manifest.get('created', '?')} "
+                      f"on {manifest.get('build', {}).get('platform', '?')}; manifest {Path(dir) / MANIFEST_NAME}")
+    return manifest
 
 
 # -------------------------------------------------------------------------------- TorchServe commands

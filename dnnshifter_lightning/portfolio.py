@@ -47,6 +47,7 @@ import math
 import os
 import re
 import stat
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -61,6 +62,7 @@ from dnnshifter_lightning.graph import GraphError
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_NAME", "VARIANT_SUFFIX", "PortfolioError",
+    "Variant",
     "save_variant", "load_variant", "write_manifest", "read_manifest", "verify_portfolio",
     "validate_manifest", "sort_variants", "variant_state", "random_batch", "load_json",
     "MAX_MANIFEST_BYTES", "MAX_VARIANT_BYTES", "MAX_HEADER_BYTES", "INPUT_DTYPES",
@@ -414,6 +416,60 @@ def random_batch(input_spec: Mapping[str, Any], n: int, *, generator: torch.Gene
     return torch.randn(n, *input_spec["shape"], generator=generator).to(device=device, dtype=dtype)
 
 
+@dataclass
+class Variant:
+    """One variant's record in ``manifest.json`` (see :func:`validate_manifest` for the rules).
+
+    ``accuracy``, ``sparse_accuracy`` and ``max_abs_diff`` are written even when ``None`` (null:
+    not measured). ``checkpoint``, ``prune_seconds`` and ``sparse`` (the sparse source's
+    measurements) are what the builder adds, written only when set; ``extra`` keeps any other key
+    of a record read with :meth:`from_dict`. :meth:`to_dict` writes the keys in this order.
+    """
+
+    id: str
+    level: int
+    sparsity: float
+    params: int
+    nonzero_params: int
+    file: str
+    bytes_raw: int
+    bytes_compressed: int
+    sha256: str
+    macs: int
+    latency_ms: dict[str, float]
+    accuracy: float | None = None
+    sparse_accuracy: float | None = None
+    max_abs_diff: float | None = None
+    checkpoint: str | None = None
+    prune_seconds: float | None = None
+    sparse: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _OPTIONAL = ("checkpoint", "prune_seconds", "sparse")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest record: a plain JSON-ready dict."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or (f.name in self._OPTIONAL and value is None):
+                continue
+            out[f.name] = value
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Variant:
+        """A :class:`Variant` from a manifest record; keys it does not name go to ``extra``.
+
+        Raises:
+            TypeError: when a required field is missing.
+        """
+        names = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in record.items() if k in names},
+                   extra={k: v for k, v in record.items() if k not in names})
+
+
 def sort_variants(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Most to least accurate; ties by smaller compressed size, then lower batch-1 latency.
 
@@ -497,10 +553,10 @@ def _check_variant(d: Path, i: int, v: Any) -> None:
     where = f"variants[{i}]"
     if not isinstance(v, dict):
         raise _invalid(d, f"{where} must be an object")
-    for field in ("id", "level", "sparsity", "params", "nonzero_params", "file", "bytes_raw", "bytes_compressed",
+    for key in ("id", "level", "sparsity", "params", "nonzero_params", "file", "bytes_raw", "bytes_compressed",
                   "sha256", "macs", "latency_ms", "accuracy", "sparse_accuracy", "max_abs_diff"):
-        if field not in v:
-            raise _invalid(d, f"{where} ({str(v.get('id', '?'))[:40]}) is missing field {field!r}")
+        if key not in v:
+            raise _invalid(d, f"{where} ({str(v.get('id', '?'))[:40]}) is missing field {key!r}")
     vid = v["id"]
     if not (isinstance(vid, str) and len(vid) <= _MAX_ID_CHARS and _ID.match(vid)):
         raise _invalid(d, f"{where}.id must be 1..{_MAX_ID_CHARS} letters, digits or '_.+-', got {str(vid)[:40]!r}")

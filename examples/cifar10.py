@@ -35,7 +35,7 @@ from torchvision import datasets, transforms
 
 # Imported so that jsonargparse also resolves the short names
 # (`--trainer.callbacks+=IterativeMagnitudePruning`), not only the full class paths.
-from dnnshifter_lightning.shrink.build import PortfolioBuilder  # noqa: F401
+from dnnshifter_lightning.shrink.callback import PortfolioBuilder  # noqa: F401
 from dnnshifter_lightning.train.imp import IterativeMagnitudePruning  # noqa: F401
 from dnnshifter_lightning.demo.models import cifar_resnet, cifar_vgg16
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, models, transforms
 
 # Imported so that jsonargparse also resolves the short callback names on the command line.
-from dnnshifter_lightning.shrink.build import PortfolioBuilder  # noqa: F401
+from dnnshifter_lightning.shrink.callback import PortfolioBuilder  # noqa: F401
 from dnnshifter_lightning.train.imp import IterativeMagnitudePruning  # noqa: F401
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

@@ -19,7 +19,7 @@ import torch
 
 from dnnshifter_lightning.demo.digits import DIGITS_INPUT_SPEC, load_digits_tensors
 from dnnshifter_lightning.demo.models import DigitsCNN
-from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, save_variant, sort_variants, write_manifest
+from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, Variant, save_variant, sort_variants, write_manifest
 from dnnshifter_lightning.shrink.measure import count_params, measure_latency_ms
 
 WIDTHS = (128, 32, 8)
@@ -56,14 +56,14 @@ def build_test_portfolio(out: Path, widths: tuple[int, ...] = WIDTHS,
         rel = f"variants/{vid}{VARIANT_SUFFIX}"
         info = save_variant(model, example[:2], out / rel)
         n = count_params(model)
-        variants.append({
-            "id": vid, "level": level, "sparsity": 1.0 - n / count_params(_model(widths[0], 0)),
-            "params": n, "nonzero_params": n, "file": rel, "bytes_raw": info["bytes_raw"],
-            "bytes_compressed": info["bytes_compressed"], "sha256": info["sha256"], "macs": 0,
-            "latency_ms": {str(b): measure_latency_ms(model, example[:b], 2, 5) for b in (1, 8)},
-            "accuracy": None if accuracies is None else accuracies[level], "sparse_accuracy": None,
-            "max_abs_diff": 0.0,
-        })
+        variants.append(Variant(
+            id=vid, level=level, sparsity=1.0 - n / count_params(_model(widths[0], 0)),
+            params=n, nonzero_params=n, file=rel, bytes_raw=info["bytes_raw"],
+            bytes_compressed=info["bytes_compressed"], sha256=info["sha256"], macs=0,
+            latency_ms={str(b): measure_latency_ms(model, example[:b], 2, 5) for b in (1, 8)},
+            accuracy=None if accuracies is None else accuracies[level], sparse_accuracy=None,
+            max_abs_diff=0.0,
+        ).to_dict())
     if accuracies is not None:
         for v, width in zip(variants, widths):  # the front must not depend on a noisy timing on a busy box
             v["latency_ms"] = {"1": width / 32, "8": width / 4}  # ~ what one core measures, quiet

@@ -10,7 +10,7 @@ import textwrap
 BLOCKED = ("lightning", "pytorch_lightning", "ts", "litserve", "rich")
 CORE = (
     "train", "train.masks", "train.checkpoints",
-    "shrink", "shrink.structured", "shrink._surgery", "shrink.measure",
+    "shrink", "shrink.structured", "shrink._surgery", "shrink.measure", "shrink.build",
     "portfolio", "graph", "loadgen",
     "serve", "serve.runtime", "serve.policy", "serve.served", "serve.images", "serve.core", "serve.defaults",
 )
@@ -35,9 +35,20 @@ def test_the_core_imports_with_the_frameworks_blocked():
         from dnnshifter_lightning.serve.policy import LoadPolicy, PolicyConfig
         from dnnshifter_lightning.portfolio import read_manifest, verify_portfolio
         from dnnshifter_lightning.serve.runtime import profiles_from_manifest
+        from dnnshifter_lightning.shrink.build import build_portfolio  # the build without Lightning or rich
         import torch
         result = prune_structurally(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 4))
         assert result.max_abs_diff == 0.0
+        import pathlib, tempfile
+        ckpts = pathlib.Path(tempfile.mkdtemp())
+        torch.save({{"state_dict": torch.nn.Linear(4, 3).state_dict()}}, ckpts / "level_00.ckpt")
+        def load(path):
+            module = torch.nn.Linear(4, 3)
+            module.load_state_dict(torch.load(path)["state_dict"])
+            return module
+        manifest = build_portfolio(ckpts, load, ckpts / "portfolio", None, {{"shape": [4]}}, latency_warmup=0,
+                                   latency_repeats=1, plot=False)
+        assert [v["id"] for v in manifest["variants"]] == ["level_00"]
         print("core ok")
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

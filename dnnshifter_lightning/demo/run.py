@@ -2,7 +2,7 @@
 
 1. Train :class:`~dnnshifter_lightning.demo.digits.DigitsClassifier` with
    :class:`~dnnshifter_lightning.train.imp.IterativeMagnitudePruning` (one sparse checkpoint per level).
-2. The post-fit :class:`~dnnshifter_lightning.shrink.build.PortfolioBuilder` prunes each checkpoint
+2. The post-fit :class:`~dnnshifter_lightning.shrink.callback.PortfolioBuilder` prunes each checkpoint
    structurally into a portfolio of dense variants, measures them and draws ``portfolio.png``;
    :func:`ladder_report` then checks that the front (validation accuracy against batch-8 latency) is
    a ladder worth switching along and prints what it found.
@@ -185,7 +185,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
                                     layer_prune_fractions={"model.classifier": prune_fraction / 2})
     callbacks: list[L.Callback] = [imp]
     if build:
-        from dnnshifter_lightning.shrink.build import PortfolioBuilder
+        from dnnshifter_lightning.shrink.callback import PortfolioBuilder
 
         callbacks.append(PortfolioBuilder(out_dir=out / "portfolio"))
     from lightning.pytorch.callbacks import RichProgressBar

@@ -69,6 +69,7 @@ import torch
 import zstandard
 from torch import nn
 
+from dnnshifter_lightning._timing import forward_seconds
 from dnnshifter_lightning.portfolio import (
     PortfolioError, load_variant, random_batch, variant_state, verify_portfolio,
 )
@@ -86,25 +87,11 @@ def profiles_from_manifest(manifest: Mapping[str, Any]) -> dict[str, dict[int, f
     return {v["id"]: {int(b): float(ms) / 1000.0 for b, ms in v["latency_ms"].items()} for v in manifest["variants"]}
 
 
-def _forward_seconds(module: nn.Module, batch: torch.Tensor, warmup: int, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls ``module(batch)``, after ``warmup`` untimed calls.
-
-    On CUDA each timed call runs to completion (kernels run asynchronously). The caller chooses the
-    grad mode. Same contract as ``shrink.measure.forward_seconds``: one can replace the other.
-    """
-    def sync() -> None:
-        if batch.device.type == "cuda":
-            torch.cuda.synchronize(batch.device)
-
-    for _ in range(warmup):
-        module(batch)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        module(batch)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
+def _sync_for(batch: torch.Tensor) -> Callable[[], None] | None:
+    """On CUDA, wait for the kernels (they run asynchronously) so that each timed call is complete."""
+    if batch.device.type == "cuda":
+        return lambda: torch.cuda.synchronize(batch.device)
+    return None
 
 
 _ALIGN = 64  # byte alignment of every tensor in the flat buffer (dtype views need it; SIMD likes it)
@@ -656,7 +643,8 @@ class PortfolioRuntime:
             with self._hold(vid, budgeted=False) as variant, torch.inference_mode():
                 profiles[vid] = {}
                 for b in batch_sizes:
-                    times = _forward_seconds(variant.module, self.example_batch(int(b)), warmup, repeats)
+                    batch = self.example_batch(int(b))
+                    times = forward_seconds(variant.module, batch, warmup, repeats, sync=_sync_for(batch))
                     profiles[vid][int(b)] = statistics.median(times)
         self.profiles = profiles
         logger.info("measured latency profiles of %d variants in %.2fs", len(profiles), time.perf_counter() - started)

@@ -39,7 +39,6 @@ OPTYPE = tp.ops.OPTYPE
 CONSUMER, PRODUCER, DEPTHWISE, PASS, OUTPUT, UNSUPPORTED = "consumer", "producer", "depthwise", "pass", "output", "unsupported"
 
 UNREAD, ZERO_CONSTANT, FOLDED, FOLDED_APPROX = "unread", "zero_constant", "folded", "folded_approx"
-ZERO_FILTER_DROPPED = "zero_filter_dropped"  # DNNShifter's rule, for comparison only
 
 # Autograd ops that act on each channel separately, so a channel's value after them depends only on
 # the same channel before them. Anything not listed here (permute, transpose, softmax over channels,
@@ -311,11 +310,10 @@ class _Fold:
     roots: np.ndarray
 
 
-def analyse(n: int, members: list[_Member], nonzero: NonzeroMap, mode: str = "exact",
+def analyse(n: int, members: list[_Member], nonzero: NonzeroMap,
             gone: np.ndarray | None = None) -> tuple[GroupPlan, list[_Request], np.ndarray]:
     """Classify every root channel of a group of ``n`` coupled channels; returns the plan for unread channels, the constant
-    candidates' requests and the candidate mask. ``mode="dnnshifter"`` reproduces DNNShifter's rule
-    instead (benchmarks only): drop every channel whose filters are all zero, fold nothing."""
+    candidates' requests and the candidate mask."""
     # numpy, not torch: these are many tiny arrays, and numpy's per-call overhead is ~5x lower
     live_read = np.zeros(n)
     has_consumer = np.zeros(n, dtype=bool)
@@ -335,10 +333,6 @@ def analyse(n: int, members: list[_Member], nonzero: NonzeroMap, mode: str = "ex
     plan = GroupPlan(n, members)
     if gone is not None:  # channels an earlier round already removed
         has_consumer &= ~gone
-    if mode == "dnnshifter":
-        for r in np.flatnonzero(has_consumer & has_producer & (live_write == 0)).tolist():
-            plan.remove[r] = ZERO_FILTER_DROPPED
-        return plan, [], np.zeros(n, dtype=bool)
     for r in np.flatnonzero(has_consumer & (live_read == 0)).tolist():
         plan.remove[r] = UNREAD
     candidates = has_consumer & (live_read > 0) & has_producer & (live_write == 0)
@@ -482,11 +476,11 @@ def removals(plans: list[GroupPlan], log: SurgeryLog) -> dict[str, tuple[list[np
                 log.removed_reasons[m.name].update(plan.remove[r] for r in m.roots[gone[m.roots]].tolist())
             if m.role in (PRODUCER, DEPTHWISE, CONSUMER) or isinstance(m.module, nn.modules.batchnorm._BatchNorm):
                 out.setdefault(m.name, ([], []))[1 if m.role == CONSUMER else 0].append(m.idxs[gone[m.roots]])
-        log.approx_folds += sum(1 for r in plan.remove.values() if r in (FOLDED_APPROX, ZERO_FILTER_DROPPED))
+        log.approx_folds += sum(1 for r in plan.remove.values() if r == FOLDED_APPROX)
     return out
 
 
-def remove_dead_channels(plans: list[GroupPlan], stats: dict, mode: str = "exact",
+def remove_dead_channels(plans: list[GroupPlan], stats: dict, approximate: bool = False,
                          max_rounds: int = 10) -> tuple[SurgeryLog, dict[int, tuple[nn.Module, torch.Tensor]]]:
     """Decides which channels go, group by group, until none is left; changes no tensor.
 
@@ -494,13 +488,10 @@ def remove_dead_channels(plans: list[GroupPlan], stats: dict, mode: str = "exact
     Rounds of analysis therefore repeat on the virtual state in :class:`NonzeroMap`, re-analysing
     only groups that touch a layer where a channel newly died. ``stats`` are the per-channel input
     (min, max) of every conv/Linear on the example inputs; the values of the channels that stay
-    never change, so they stay valid. ``mode`` is ``"exact"``, ``"approximate"`` or
-    ``"dnnshifter"`` (see :func:`analyse`). Returns the log and the bias deltas of the constant
-    channels folded away (:func:`fold_deltas`); ``plans[i].remove`` says what goes.
+    never change, so they stay valid. ``approximate`` also folds constants into padded convs
+    (:func:`decide_constants`). Returns the log and the bias deltas of the constant channels folded
+    away (:func:`fold_deltas`); ``plans[i].remove`` says what goes.
     """
-    approximate = mode == "approximate"
-    if mode == "dnnshifter":
-        max_rounds = 1
     log, nonzero = SurgeryLog(), NonzeroMap()
     t = time.perf_counter()
     todo, folds = plans, []
@@ -508,7 +499,7 @@ def remove_dead_channels(plans: list[GroupPlan], stats: dict, mode: str = "exact
         removed_now = 0
         for plan in todo:
             gone = _mask(plan.n, plan.remove)
-            found, requests, candidates = analyse(plan.n, plan.members, nonzero, mode, gone)
+            found, requests, candidates = analyse(plan.n, plan.members, nonzero, gone)
             new_folds = decide_constants(found, requests, candidates, stats, approximate)
             new = found.remove
             if len(plan.remove) + len(new) >= plan.n and new:  # never empty a layer: keep one channel

@@ -1,21 +1,10 @@
 """Size, compute, latency and accuracy of one model or variant (plain torch + torchmetrics).
-
-Example::
-
-    >>> import torch
-    >>> from dnnshifter_lightning.demo.models import DigitsCNN
-    >>> from dnnshifter_lightning.shrink.measure import count_params, count_macs
-    >>> m = DigitsCNN(width=8).eval()
-    >>> count_params(m)
-    18482
-    >>> count_macs(m, torch.zeros(1, 1, 8, 8)) > 0
-    True
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
-import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -23,8 +12,10 @@ import torchmetrics
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_nonzero", "count_macs", "measure_latency_ms", "measure_accuracy", "state_bytes",
-           "unpack_batch", "INPUT_KEYS", "TARGET_KEYS"]
+from dnnshifter_lightning._timing import forward_seconds
+
+__all__ = ["count_params", "count_nonzero", "count_macs", "forward_seconds", "measure_latency_ms", "measure_accuracy",
+           "state_bytes", "unpack_batch", "batch_unpacker", "Unpack", "INPUT_KEYS", "TARGET_KEYS"]
 
 
 def _tensors(module: nn.Module, buffers: bool) -> Iterable[torch.Tensor]:
@@ -35,42 +26,18 @@ def _tensors(module: nn.Module, buffers: bool) -> Iterable[torch.Tensor]:
 
 def count_params(module: nn.Module) -> int:
     """Number of stored parameter entries (zeros included; shared parameters counted once).
-
-    Example::
-
-        >>> from torch import nn
-        >>> count_params(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))   # 4*3 + 3, then 3 + 3
-        21
     """
     return sum(p.numel() for p in module.parameters())
 
 
 def count_nonzero(module: nn.Module) -> int:
     """Number of parameter entries that are not exactly zero.
-
-    Example::
-
-        >>> import torch
-        >>> from torch import nn
-        >>> layer = nn.Linear(4, 3)
-        >>> with torch.no_grad():
-        ...     layer.weight[0] = 0.0                 # prune one output row
-        >>> count_params(layer), count_nonzero(layer)
-        (15, 11)
     """
     return sum(int(torch.count_nonzero(p.detach())) for p in module.parameters())
 
 
 def state_bytes(module: nn.Module) -> int:
     """Bytes of all parameters and floating-point buffers as stored (dense).
-
-    Example::
-
-        >>> from torch import nn
-        >>> # 21 float32 parameters + BN's running mean and variance (6 floats); the int64
-        >>> # num_batches_tracked buffer is not counted
-        >>> state_bytes(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
-        108
     """
     return sum(t.numel() * t.element_size() for t in _tensors(module, buffers=True))
 
@@ -80,15 +47,6 @@ def count_macs(module: nn.Module, example_input: torch.Tensor) -> int:
 
     Uses :class:`torch.utils.flop_counter.FlopCounterMode`, which counts matmul/conv-like ATen ops,
     so sparse models count their zeros: that is the compute a dense kernel spends on them.
-
-    Example::
-
-        >>> import torch
-        >>> from torch import nn
-        >>> count_macs(nn.Linear(4, 3), torch.zeros(2, 4))              # 2 rows x 4 x 3
-        24
-        >>> count_macs(nn.Conv2d(1, 4, 3), torch.zeros(1, 1, 8, 8))     # 6x6 outputs x 4 filters x 9
-        1296
     """
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
@@ -98,30 +56,13 @@ def count_macs(module: nn.Module, example_input: torch.Tensor) -> int:
 
 def measure_latency_ms(module: nn.Module, example_input_batch: torch.Tensor, warmup: int = 5,
                        repeats: int = 20) -> float:
-    """Median wall-clock milliseconds of ``module(example_input_batch)`` after ``warmup`` runs.
+    """Median milliseconds of ``module(example_input_batch)`` (:func:`forward_seconds`); the builder
+    measures on one thread.
 
-    Runs under :func:`torch.inference_mode`. Thread count is the caller's choice
-    (``torch.set_num_threads``); the builder measures on one thread.
-
-    Example::
-
-        >>> import torch
-        >>> from torch import nn
-        >>> ms = measure_latency_ms(nn.Linear(16, 4), torch.zeros(8, 16), warmup=1, repeats=3)
-        >>> isinstance(ms, float) and ms > 0
-        True
+    Raises:
+        ValueError: when ``repeats < 1``.
     """
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            module(example_input_batch)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            module(example_input_batch)
-            times.append((time.perf_counter() - start) * 1e3)
-    return float(statistics.median(times))
+    return float(statistics.median([t * 1e3 for t in forward_seconds(module, example_input_batch, warmup, repeats)]))
 
 
 #: Dict-batch keys tried, in order, for the input and for the labels when none are named.
@@ -139,19 +80,6 @@ def unpack_batch(batch: Any, input_key: str | None = None, target_key: str | Non
 
     Raises:
         ValueError: a dict batch without a known (or the named) input key, naming the keys it has.
-
-    Example::
-
-        >>> import torch
-        >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
-        >>> unpack_batch((x, y))[1].tolist(), unpack_batch({"image": x, "label": y})[1].tolist()
-        ([0, 1], [0, 1])
-        >>> unpack_batch({"pixels": x, "digit": y}, input_key="pixels", target_key="digit")[1].tolist()
-        [0, 1]
-        >>> unpack_batch({"pixels": x})
-        Traceback (most recent call last):
-            ...
-        ValueError: a dict batch with keys ['pixels'] has none of the input keys ...
     """
     if isinstance(batch, dict):
         keys = list(batch)
@@ -173,26 +101,27 @@ def unpack_batch(batch: Any, input_key: str | None = None, target_key: str | Non
                      f"batch -> (inputs, targets)")
 
 
+Unpack = Callable[[Any], "tuple[Any, Any]"]
+
+
+def batch_unpacker(input_key: str | None = None, target_key: str | None = None,
+                   unpack: Unpack | None = None) -> Unpack:
+    """The ``batch -> (inputs, targets)`` function for the given options: ``unpack`` when given, else
+    :func:`unpack_batch` reading dict batches at ``input_key``/``target_key``.
+    """
+    if unpack is not None:
+        return unpack
+    if input_key is None and target_key is None:
+        return unpack_batch
+    return functools.partial(unpack_batch, input_key=input_key, target_key=target_key)
+
+
 def measure_accuracy(module: nn.Module, dataloader: Iterable[Any], num_classes: int,
                      unpack: Callable[[Any], tuple[Any, Any]] = unpack_batch) -> float:
     """Top-1 accuracy (micro average) of ``module`` over ``dataloader`` with torchmetrics.
 
     ``unpack`` turns a batch into ``(inputs, targets)`` (default :func:`unpack_batch`: tuples,
     lists, or dicts such as ``{"image": x, "label": y}``). The module is put in eval mode.
-
-    Example::
-
-        >>> import torch
-        >>> from torch import nn
-        >>> x = torch.tensor([[-1.0], [2.0], [-3.0], [4.0]])
-        >>> y = torch.tensor([0, 1, 0, 0])
-        >>> sign = nn.Linear(1, 2)                    # class 1 iff x > 0
-        >>> with torch.no_grad():
-        ...     _ = sign.weight.copy_(torch.tensor([[-1.0], [1.0]])), sign.bias.zero_()
-        >>> measure_accuracy(sign, [(x, y)], num_classes=2)
-        0.75
-        >>> measure_accuracy(sign, [{"image": x[:2], "label": y[:2]}], num_classes=2)   # dict batches work too
-        1.0
     """
     module.eval()
     metric = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -34,15 +34,6 @@ def plot_points(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     ``front`` says whether the variant is on :func:`~dnnshifter_lightning.serve.served.pareto_front`
     (drawn in colour, joined and labelled) or dominated (drawn grey). Accuracy is in percent, 0 when
     not measured.
-
-    Example::
-
-        >>> def variant(vid, level, acc, ms8):
-        ...     return {"id": vid, "level": level, "params": 1000, "accuracy": acc, "latency_ms": {"1": 1.0, "8": ms8}}
-        >>> points = plot_points({"variants": [variant("a", 0, 0.95, 9.0), variant("b", 1, 0.97, 8.0),
-        ...                                    variant("c", 2, 0.90, 3.0)]})
-        >>> [(p["id"], p["front"]) for p in points]                # a is slower and less accurate than b
-        [('a', False), ('b', True), ('c', True)]
     """
     variants = sorted(manifest["variants"], key=lambda v: v["level"])
     front = set(pareto_front(variants))
@@ -58,20 +49,6 @@ def plot_portfolio(manifest: dict[str, Any], path: str | os.PathLike[str]) -> Pa
     dominated variants are grey. One cross per sparse checkpoint a variant came from, joined to it
     by a faint line. Variants without a measured accuracy are plotted at accuracy 0 in a note-marked
     figure. Returns the path written, or ``None`` when matplotlib is missing.
-
-    Example::
-
-        >>> import tempfile
-        >>> from pathlib import Path
-        >>> def variant(level, params, ms, acc):
-        ...     return {"id": f"level_{level:02d}", "level": level, "params": params,
-        ...             "latency_ms": {"1": ms, "8": 4 * ms}, "accuracy": acc, "sparse_accuracy": acc,
-        ...             "sparse": {"params": 20000, "latency_ms": {"1": 0.5, "8": 2.0}}}
-        >>> manifest = {"variants": [variant(0, 20000, 0.5, 0.97), variant(4, 9000, 0.3, 0.96)],
-        ...             "build": {"latency_threads": 1, "torch_version": "2.x"}}
-        >>> png = plot_portfolio(manifest, Path(tempfile.mkdtemp()) / "portfolio.png")
-        >>> png.name, png.read_bytes()[:4]
-        ('portfolio.png', b'\\x89PNG')
     """
     try:
         import matplotlib

@@ -19,20 +19,6 @@ The dependency analysis (Torch-Pruning's autograd trace and the grouping) depend
 model's structure, so it is cached: the later checkpoints of one architecture, such as the levels
 of an IMP run, reuse the first one's and pay only for reading their own weights, one forward pass,
 the copy and the verification.
-
-Example::
-
-    >>> import torch
-    >>> from dnnshifter_lightning.demo.models import DigitsCNN
-    >>> from dnnshifter_lightning.shrink.structured import prune_structurally
-    >>> model = DigitsCNN(width=8).eval()
-    >>> with torch.no_grad():
-    ...     model.features[3].weight[:4] = 0          # four dead filters in the second conv
-    >>> result = prune_structurally(model, torch.randn(4, 1, 8, 8))
-    >>> result.params_after < result.params_before
-    True
-    >>> result.max_abs_diff < 1e-4
-    True
 """
 
 from __future__ import annotations
@@ -58,24 +44,6 @@ __all__ = ["prune_structurally", "PruneResult", "StructuralPruningError", "clear
 class StructuralPruningError(RuntimeError):
     """The model could not be pruned exactly: it could not be analysed, or the pruned model's outputs
     differ from the sparse model's beyond the tolerance.
-
-    Example::
-
-        >>> import torch
-        >>> import lightning as L
-        >>> from torch import nn
-        >>> class Branchy(L.LightningModule):            # torch.fx cannot trace data-dependent control flow
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.fc = nn.Linear(4, 2)
-        ...     def forward(self, x):
-        ...         return self.fc(x) if x.sum() > 0 else -self.fc(x)
-        >>> prune_structurally(Branchy(), torch.ones(2, 4))
-        Traceback (most recent call last):
-            ...
-        dnnshifter_lightning.shrink.structured.StructuralPruningError: could not trace Branchy.forward with torch.fx ...
-        >>> prune_structurally(Branchy().fc, torch.ones(2, 4)).params_after    # the inner module is fine
-        10
     """
 
 
@@ -93,23 +61,6 @@ class PruneResult:
     ``timings`` gives seconds per stage: ``trace`` (the analysis, near 0 when reused),
     ``forward`` (reference output and input statistics), ``analyse`` (which channels go, with
     ``analyse.*`` sub-stages), ``slice`` (the new model) and ``verify``.
-
-    Example::
-
-        >>> import torch
-        >>> from dnnshifter_lightning.demo.models import DigitsCNN
-        >>> model = DigitsCNN(width=4).eval()
-        >>> with torch.no_grad():
-        ...     model.features[0].weight[:2] = 0          # 2 of the first conv's 4 filters are dead
-        >>> result = prune_structurally(model, torch.randn(4, 1, 8, 8))
-        >>> result.removed["features.0"]
-        {'before': 4, 'after': 2, 'reasons': {'zero_constant': 2}}
-        >>> result.channels_removed, result.reason_counts, result.kept_unsupported
-        (2, {'zero_constant': 2}, {})
-        >>> result.params_before, result.params_after         # the BNs were fused into the convs, too
-        (4782, 4634)
-        >>> result.model.features[0], result.max_abs_diff <= result.tolerance
-        (Conv2d(1, 2, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1)), True)
     """
 
     model: nn.Module
@@ -172,7 +123,7 @@ def prune_structurally(model: nn.Module, example_inputs: Any, *, approximate: bo
         >>> res.removed["layers.0.conv1"]["after"]
         8
     """
-    return _prune(model, example_inputs, mode="approximate" if approximate else "exact", fuse_bn=fuse_bn, rtol=rtol)
+    return _prune(model, example_inputs, approximate=approximate, fuse_bn=fuse_bn, rtol=rtol)
 
 
 _ARCHITECTURES: OrderedDict[tuple, Any] = OrderedDict()  # structure key -> _surgery.Architecture, LRU
@@ -201,15 +152,6 @@ def clear_analysis_cache() -> None:
 
     The analysis depends only on the model's structure, so later checkpoints of one architecture
     reuse it. Clearing is only needed to measure a cold run, or after patching the analysis.
-
-    Example::
-
-        >>> import torch
-        >>> from dnnshifter_lightning.demo.models import DigitsCNN
-        >>> net, x = DigitsCNN(width=4).eval(), torch.randn(2, 1, 8, 8)
-        >>> clear_analysis_cache()
-        >>> prune_structurally(net, x).analysis_reused, prune_structurally(net, x).analysis_reused
-        (False, True)
     """
     with _CACHE_LOCK:
         _ARCHITECTURES.clear()
@@ -277,86 +219,54 @@ def _analyse_architecture(src: nn.Module, inputs: tuple, names: dict) -> Any:
     return surgery.describe(dg, names, {n for n, c in counts.items() if c > 1})
 
 
-def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, rtol: float) -> PruneResult:
-    """:func:`prune_structurally` with ``mode`` ``"exact"``, ``"approximate"`` or ``"dnnshifter"``
-    (DNNShifter's rule, which may change the function: for the benchmark's comparison only)."""
-    from dnnshifter_lightning.shrink import _surgery as surgery  # imports torch_pruning lazily: only needed here
+class _Stopwatch:
+    """Seconds per stage (``with clock("slice"): ...``) and in all, for :attr:`PruneResult.timings`."""
 
-    start = time.perf_counter()
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _prune(model: nn.Module, example_inputs: Any, *, approximate: bool, fuse_bn: bool, rtol: float) -> PruneResult:
+    """:func:`prune_structurally`'s stages, each timed here and nowhere else."""
+    clock = _Stopwatch()
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    timings: dict[str, float] = {}
-    mark = start
-
-    def lap(stage: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        timings[stage] = timings.get(stage, 0.0) + now - mark
-        mark = now
-
-    src = _source(model)  # the model itself, or its torch.fx trace (sharing its tensors)
-    modules = dict(src.named_modules())
-    names = {m: n for n, m in modules.items()}
-    key = _structure_key(src, inputs)
-    arch = _cache_get(_ARCHITECTURES, key)
-    reused_analysis = arch is not None
-    if arch is None:
-        arch = _analyse_architecture(src, inputs, names)
-        _cache_put(_ARCHITECTURES, key, arch)
-    lap("trace")
-
-    # layers whose parameter another layer also uses (weight tying): their groups stay
-    owners = Counter(id(p) for m in modules.values() for p in m._parameters.values() if p is not None)
-    shared = {name for name, m in modules.items()
-              if any(p is not None and owners[id(p)] > 1 for p in m._parameters.values())}
-
-    # One plain forward pass gives the reference output and every conv/Linear's input statistics
-    # (which channels are constants, and their values).
-    layers = [m for m in modules.values() if isinstance(m, (_ConvNd, nn.Linear))]
-    try:
-        with _eval_mode(src), torch.no_grad():
-            stats = surgery.measure_inputs(src, lambda net: net(*inputs), layers)
-    except Exception as exc:  # noqa: BLE001
-        raise StructuralPruningError(f"{type(model).__name__} fails on the example inputs: {exc!r}") from exc
-    ref_leaves = _tensor_leaves(stats.pop("result"), "sparse model")
-    lap("forward")
-
-    try:
-        plans, tied = arch.bind(modules, shared)
-        log, deltas = surgery.remove_dead_channels(plans, stats, mode)
-        cuts = surgery.removals(plans, log)
-        lap("analyse")
-        work = _sliced_copy(src, modules, names, cuts, deltas, arch.fusions if fuse_bn else [], shared)
-        lap("slice")
-    except StructuralPruningError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise StructuralPruningError(f"channel surgery failed on {type(model).__name__}: {exc!r}") from exc
-
+    with clock("trace"):
+        src, modules, names, arch, reused_analysis = _analysis(model, inputs)
+    with clock("forward"):
+        shared = _shared_layers(modules)
+        ref_leaves, stats = _reference(model, src, modules, inputs)
+    with clock("analyse"):
+        log, deltas, cuts, tied = _plan(model, arch, modules, shared, stats, approximate)
+    with clock("slice"):
+        work = _slice(model, src, modules, names, cuts, deltas, arch.fusions if fuse_bn else [], shared)
     unsupported = {**arch.unsupported, **tied}
     if unsupported:
         warnings.warn(
             "prune_structurally kept the channels of layers it cannot analyse safely: "
             + "; ".join(f"{k}: {v}" for k, v in sorted(unsupported.items())[:8])
             + (" ..." if len(unsupported) > 8 else ""), stacklevel=3)
-
-    try:
-        with torch.no_grad():
-            out_leaves = _tensor_leaves(work(*inputs), "pruned model")
-    except StructuralPruningError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a pruned model that cannot even run is a failed surgery
-        raise StructuralPruningError(f"pruned {type(model).__name__} fails on the example inputs: {exc!r}") from exc
-    diff, scale = _compare(ref_leaves, out_leaves)
-    lap("verify")
+    with clock("verify"):
+        diff, scale = _verify(model, work, inputs, ref_leaves)
     tolerance = rtol * max(scale, 1e-6)
     approx_error = None
-    if mode != "exact" and log.approx_folds:
+    if approximate and log.approx_folds:
         approx_error = diff
     elif diff > tolerance:
         raise StructuralPruningError(
             f"pruned {type(model).__name__} differs from the sparse model: max|diff| = {diff:.3g} > "
             f"rtol * max|y| = {rtol:g} * {scale:.3g}; refusing to return a different function")
-
     shapes_before, shapes_after = _out_channels(src), _out_channels(work)
     removed = {}
     for name, before in shapes_before.items():
@@ -364,10 +274,84 @@ def _prune(model: nn.Module, example_inputs: Any, *, mode: str, fuse_bn: bool, r
         removed[name] = {"before": before, "after": after, "reasons": dict(log.removed_reasons.get(name, {}))}
     return PruneResult(
         model=work, params_before=_count_params(src), params_after=_count_params(work), removed=removed,
-        seconds=time.perf_counter() - start, max_abs_diff=diff, approx_error=approx_error,
+        seconds=clock.total(), max_abs_diff=diff, approx_error=approx_error,
         tolerance=tolerance, output_scale=scale, kept_unsupported=unsupported,
-        passes=list(log.passes), timings={**timings, **{f"analyse.{k}": v for k, v in log.timings.items()}},
+        passes=list(log.passes), timings={**clock.timings, **{f"analyse.{k}": v for k, v in log.timings.items()}},
         analysis_reused=reused_analysis)
+
+
+def _analysis(model: nn.Module, inputs: tuple) -> tuple[nn.Module, dict[str, nn.Module], dict, Any, bool]:
+    """``(src, its named modules, module -> name, its Architecture, whether it came from the cache)``;
+    ``src`` is the model itself, or its torch.fx trace (sharing its tensors)."""
+    src = _source(model)
+    modules = dict(src.named_modules())
+    names = {m: n for n, m in modules.items()}
+    key = _structure_key(src, inputs)
+    arch = _cache_get(_ARCHITECTURES, key)
+    reused = arch is not None
+    if arch is None:
+        arch = _analyse_architecture(src, inputs, names)
+        _cache_put(_ARCHITECTURES, key, arch)
+    return src, modules, names, arch, reused
+
+
+def _reference(model: nn.Module, src: nn.Module, modules: dict[str, nn.Module],
+               inputs: tuple) -> tuple[list[torch.Tensor], dict]:
+    """One plain forward pass: the reference output's tensors and every conv/Linear's per-channel
+    input (min, max) (which channels are constants, and their values)."""
+    from dnnshifter_lightning.shrink import _surgery as surgery  # imports torch_pruning lazily: only needed here
+
+    layers = [m for m in modules.values() if isinstance(m, (_ConvNd, nn.Linear))]
+    try:
+        with _eval_mode(src), torch.no_grad():
+            stats = surgery.measure_inputs(src, lambda net: net(*inputs), layers)
+    except Exception as exc:  # noqa: BLE001
+        raise StructuralPruningError(f"{type(model).__name__} fails on the example inputs: {exc!r}") from exc
+    return _tensor_leaves(stats.pop("result"), "sparse model"), stats
+
+
+def _shared_layers(modules: dict[str, nn.Module]) -> set[str]:
+    """Layers whose parameter another layer also uses (weight tying): their groups stay."""
+    owners = Counter(id(p) for m in modules.values() for p in m._parameters.values() if p is not None)
+    return {name for name, m in modules.items()
+            if any(p is not None and owners[id(p)] > 1 for p in m._parameters.values())}
+
+
+def _plan(model: nn.Module, arch: Any, modules: dict[str, nn.Module], shared: set[str], stats: dict,
+          approximate: bool) -> tuple[Any, dict, dict, dict[str, str]]:
+    """Which channels go: ``(surgery log, bias deltas, per-layer cuts, layers kept for weight tying)``."""
+    from dnnshifter_lightning.shrink import _surgery as surgery
+
+    try:
+        plans, tied = arch.bind(modules, shared)
+        log, deltas = surgery.remove_dead_channels(plans, stats, approximate)
+        return log, deltas, surgery.removals(plans, log), tied
+    except StructuralPruningError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise StructuralPruningError(f"channel surgery failed on {type(model).__name__}: {exc!r}") from exc
+
+
+def _slice(model: nn.Module, src: nn.Module, modules: dict[str, nn.Module], names: dict, cuts: dict,
+           deltas: dict, fusions: list[tuple[str, str]], shared: set[str]) -> nn.Module:
+    try:
+        return _sliced_copy(src, modules, names, cuts, deltas, fusions, shared)
+    except StructuralPruningError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise StructuralPruningError(f"channel surgery failed on {type(model).__name__}: {exc!r}") from exc
+
+
+def _verify(model: nn.Module, work: nn.Module, inputs: tuple, ref_leaves: list[torch.Tensor]) -> tuple[float, float]:
+    """``(max |y_pruned - y_sparse|, max |y_sparse|)`` on the example inputs."""
+    try:
+        with torch.no_grad():
+            out_leaves = _tensor_leaves(work(*inputs), "pruned model")
+    except StructuralPruningError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a pruned model that cannot even run is a failed surgery
+        raise StructuralPruningError(f"pruned {type(model).__name__} fails on the example inputs: {exc!r}") from exc
+    return _compare(ref_leaves, out_leaves)
 
 
 @torch.no_grad()

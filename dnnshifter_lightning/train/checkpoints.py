@@ -24,11 +24,18 @@ import inspect
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
-__all__ = ["CheckpointTrustWarning", "load_checkpoint", "load_module_checkpoint"]
+__all__ = ["CHECKPOINT_KEY", "CheckpointTrustWarning", "load_checkpoint", "load_module_checkpoint", "module_loader"]
+
+#: Key under which every level checkpoint carries its metadata:
+#: ``{"format": 1, "level", "levels", "prune_fraction", "sparsity", "target_sparsity", "surviving",
+#: "prunable", "masks": {param_name: bool tensor}, "mask_sha256", "metrics": {name: float},
+#: "epoch", "global_step"}``.
+CHECKPOINT_KEY = "dnnshifter"
 
 
 class CheckpointTrustWarning(UserWarning):
@@ -98,3 +105,13 @@ def load_module_checkpoint(module_cls: Any, path: str | Path, **kwargs: Any) -> 
     except pickle.UnpicklingError as exc:
         _warn(path, exc)
     return load(path, weights_only=False, **kwargs)
+
+
+def module_loader(loader: type | Callable[[Path], nn.Module]) -> Callable[[Path], nn.Module]:
+    """``path -> module`` from a LightningModule class (its ``load_from_checkpoint(path, strict=True)``
+    on the CPU, through :func:`load_module_checkpoint`) or from any ``callable(path) -> nn.Module``,
+    returned as it is. Lightning itself is never imported here: the class brings it.
+    """
+    if getattr(loader, "load_from_checkpoint", None) is not None:
+        return lambda p: load_module_checkpoint(loader, p, map_location="cpu", strict=True)
+    return loader  # type: ignore[return-value]

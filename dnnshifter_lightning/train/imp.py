@@ -53,23 +53,19 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from dnnshifter_lightning._atomic import atomic_write
+from dnnshifter_lightning.train.checkpoints import CHECKPOINT_KEY
 from dnnshifter_lightning.train.masks import (
     DEFAULT_PRUNABLE_TYPES,
     MaskEnforcer,
     count_surviving,
     find_prunable,
+    fraction_for,
     mask_digest,
     prune_step,
     survivors_after,
 )
 
 __all__ = ["IterativeMagnitudePruning", "CHECKPOINT_KEY", "parse_rewind_point"]
-
-#: Key under which every level checkpoint carries its metadata:
-#: ``{"format": 1, "level", "levels", "prune_fraction", "sparsity", "target_sparsity", "surviving",
-#: "prunable", "masks": {param_name: bool tensor}, "mask_sha256", "metrics": {name: float},
-#: "epoch", "global_step"}``.
-CHECKPOINT_KEY = "dnnshifter"
 
 _REWIND_RE = re.compile(r"^\s*(\d+)\s*(it|ep)\s*$")
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
@@ -351,11 +347,8 @@ class IterativeMagnitudePruning(Callback):
 
     def _check_levels_leave_weights(self) -> None:
         groups: dict[float, int] = {}
-        from dnnshifter_lightning.train.masks import _layer_of, _matches  # local: private helpers of the same package
-
         for name, w in self._weights.items():
-            hit = _matches(_layer_of(name), self.layer_prune_fractions)
-            frac = self.prune_fraction if hit is None else self.layer_prune_fractions[hit]
+            frac = fraction_for(name, self.layer_prune_fractions, self.prune_fraction)
             groups[frac] = groups.get(frac, 0) + w.numel()
         for frac, n in groups.items():
             if frac > 0 and survivors_after(n, frac, self.levels) == 0:

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_PRUNABLE_TYPES",
     "find_prunable",
     "prune_step",
+    "fraction_for",
     "sparsity",
     "count_surviving",
     "survivors_after",
@@ -96,6 +97,13 @@ def _layer_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else ""
 
 
+def fraction_for(param_name: str, fractions: Mapping[str, float], default: float) -> float:
+    """The prune fraction of parameter ``param_name``: that of the first key of ``fractions`` that
+    names its layer (exact name, fnmatch pattern or a parent module), else ``default``."""
+    hit = _matches(_layer_of(param_name), fractions)
+    return default if hit is None else float(fractions[hit])
+
+
 def _prune_group(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], fraction: float,
                  out: dict[str, torch.Tensor]) -> None:
     """Prune ``fraction`` of the surviving entries of ``weights`` by one global magnitude ranking."""
@@ -143,9 +151,7 @@ def prune_step(
     layer_fractions = dict(layer_fractions or {})
     groups: dict[float, dict[str, torch.Tensor]] = {}
     for name, w in weights.items():
-        hit = _matches(_layer_of(name), layer_fractions)
-        frac = fraction if hit is None else float(layer_fractions[hit])
-        groups.setdefault(frac, {})[name] = w
+        groups.setdefault(fraction_for(name, layer_fractions, fraction), {})[name] = w
     out: dict[str, torch.Tensor] = {}
     for frac, group in groups.items():
         if frac > 0:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dnnshifter_lightning.demo.models import DigitsCNN
-from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, save_variant, write_manifest
+from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, Variant, save_variant, write_manifest
 
 OUT = Path(__file__).resolve().parent / "golden_portfolio"
 
@@ -51,9 +51,9 @@ def main() -> None:
         info = save_variant(model, x[:2], OUT / rel)
         with torch.no_grad():
             expected["outputs"][vid] = model(x).tolist()
-        variants.append({"id": vid, "level": level, "sparsity": 0.0, "params": 0, "nonzero_params": 0, "macs": 0,
-                         "latency_ms": {"1": 1.0, "8": 2.0}, "accuracy": round(0.9 - 0.1 * level, 3),
-                         "sparse_accuracy": None, "max_abs_diff": 0.0, **info, "file": rel})
+        variants.append(Variant(id=vid, level=level, sparsity=0.0, params=0, nonzero_params=0, macs=0,
+                                latency_ms={"1": 1.0, "8": 2.0}, accuracy=round(0.9 - 0.1 * level, 3),
+                                sparse_accuracy=None, max_abs_diff=0.0, **{**info, "file": rel}).to_dict())
     write_manifest(OUT, {"format_version": FORMAT_VERSION,
                          "input_spec": {"shape": [1, 8, 8], "dtype": "float32", "mean": [0.5], "std": [0.5]},
                          "variants": variants, "build": {"torch_version": torch.__version__}})

@@ -8,10 +8,10 @@ import io
 import pytest
 import torch
 
-from dnnshifter_lightning.shrink.build import portfolio_show_command
+from dnnshifter_lightning.cli import portfolio_show_command
 from dnnshifter_lightning.demo.run import ladder_report
 from dnnshifter_lightning.shrink.plot import plot_points, plot_portfolio
-from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, save_variant, write_manifest
+from dnnshifter_lightning.portfolio import FORMAT_VERSION, VARIANT_SUFFIX, Variant, save_variant, write_manifest
 
 
 def _v(vid: str, acc: float | None, ms8: float, level: int = 0) -> dict:
@@ -54,9 +54,9 @@ def _portfolio(tmp_path):
     variants = []
     for vid, acc, ms8 in [("level_00", 0.99, 9.0), ("level_02", 0.97, 4.0), ("level_01", 0.96, 6.0)]:
         info = save_variant(torch.nn.Linear(3, 2), torch.zeros(2, 3), tmp_path / f"{vid}{VARIANT_SUFFIX}")
-        variants.append({"id": vid, "level": int(vid[-1]), "sparsity": 0.0, "params": 8, "nonzero_params": 8,
-                         "macs": 6, "latency_ms": {"1": ms8 / 4, "8": ms8}, "accuracy": acc, "sparse_accuracy": acc,
-                         "max_abs_diff": 0.0, **info})
+        variants.append(Variant(id=vid, level=int(vid[-1]), sparsity=0.0, params=8, nonzero_params=8,
+                                macs=6, latency_ms={"1": ms8 / 4, "8": ms8}, accuracy=acc, sparse_accuracy=acc,
+                                max_abs_diff=0.0, **info).to_dict())
     write_manifest(tmp_path, {"format_version": FORMAT_VERSION, "input_spec": {"shape": [3], "dtype": "float32"},
                               "variants": variants})
     return tmp_path

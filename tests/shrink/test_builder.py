@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from dnnshifter_lightning.cli import portfolio_build_command, portfolio_show_command
 from dnnshifter_lightning.shrink import build as builder
-from dnnshifter_lightning.shrink.build import PortfolioBuilder, build_portfolio, portfolio_build_command, portfolio_show_command
+from dnnshifter_lightning.shrink.build import BuildEvent, build_portfolio
+from dnnshifter_lightning.shrink.callback import PortfolioBuilder
 from dnnshifter_lightning.demo.digits import DIGITS_INPUT_SPEC, DigitsClassifier, DigitsDataModule, load_digits_tensors
-from dnnshifter_lightning.portfolio import VARIANT_SUFFIX, load_variant, read_manifest, verify_portfolio
+from dnnshifter_lightning.portfolio import VARIANT_SUFFIX, Variant, load_variant, read_manifest, verify_portfolio
 
 SPARSITIES = [0.0, 0.6, 0.85]
 
@@ -85,6 +87,12 @@ def test_manifest_is_valid_ordered_and_complete(built: tuple[Path, dict]) -> Non
         assert v["params"] <= v["sparse"]["params"] and v["macs"] <= v["sparse"]["macs"]
         assert v["nonzero_params"] <= v["params"]
         assert set(v["latency_ms"]) == {"1", "8"} and all(t > 0 for t in v["latency_ms"].values())
+    for v in vs:  # the record is a Variant, written key for key in its field order
+        assert Variant.from_dict(v).to_dict() == v and list(Variant.from_dict(v).to_dict()) == list(v)
+        assert list(v)[:14] == ["id", "level", "sparsity", "params", "nonzero_params", "file", "bytes_raw",
+                                "bytes_compressed", "sha256", "macs", "latency_ms", "accuracy", "sparse_accuracy",
+                                "max_abs_diff"]
+        assert list(v)[14:] == ["checkpoint", "prune_seconds", "sparse"]
     dead = next(v for v in vs if v["level"] == 2)
     assert dead["params"] < dead["sparse"]["params"]  # dead channels were physically removed
     assert sorted(p.name for p in (out / "variants").iterdir()) == [f"level_0{i}{VARIANT_SUFFIX}" for i in range(3)]
@@ -104,7 +112,7 @@ def test_variant_predictions_equal_sparse_checkpoint_on_every_digit(built: tuple
 
 
 def test_failed_build_leaves_no_manifest(level_ckpts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real, calls = builder._prune, []
+    real, calls = builder.prune_structurally, []
 
     def flaky(model, example_inputs):
         calls.append(1)
@@ -112,10 +120,27 @@ def test_failed_build_leaves_no_manifest(level_ckpts: Path, tmp_path: Path, monk
             raise RuntimeError("surgery failed")
         return real(model, example_inputs)
 
-    monkeypatch.setattr(builder, "_prune", flaky)
+    monkeypatch.setattr(builder, "prune_structurally", flaky)
     with pytest.raises(RuntimeError, match="surgery failed"):
         build_portfolio(level_ckpts, DigitsClassifier, tmp_path, None, DIGITS_INPUT_SPEC, latency_repeats=1, plot=False)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_build_reports_progress_through_the_callback_and_prints_nothing(level_ckpts: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    events: list[BuildEvent] = []
+    paths = sorted(level_ckpts.glob("level_*.ckpt"))[-2:]
+    manifest = build_portfolio(paths, DigitsClassifier, tmp_path, None, DIGITS_INPUT_SPEC, latency_repeats=1,
+                               plot=False, progress=events.append)
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == ""
+    assert [(e.stage, e.done, e.total, e.checkpoint, e.level) for e in events] == [
+        ("start", 0, 2, None, None),
+        ("checkpoint", 0, 2, "level_01.ckpt", None), ("variant", 1, 2, "level_01.ckpt", 1),
+        ("checkpoint", 1, 2, "level_02.ckpt", None), ("variant", 2, 2, "level_02.ckpt", 2),
+        ("done", 2, 2, None, None)]
+    reported = {e.variant["id"]: e.variant for e in events if e.variant is not None}
+    assert reported == {v["id"]: v for v in manifest["variants"]}
 
 
 def test_portfolio_builder_at_the_end_of_a_real_fit(tmp_path: Path) -> None:
@@ -148,7 +173,9 @@ def test_cli_build_with_datamodule_and_show(level_ckpts: Path, tmp_path: Path, c
     manifest = portfolio_build_command(level_ckpts, "dnnshifter_lightning.demo.digits:DigitsClassifier", tmp_path,
                                        "dnnshifter_lightning.demo.digits:DigitsDataModule")
     assert all(v["accuracy"] is not None for v in manifest["variants"])
-    capsys.readouterr()
+    built_text = " ".join(capsys.readouterr().out.split())
+    assert "building portfolio" in built_text and "3/3" in built_text  # the progress bar, then the table
+    assert f"portfolio {tmp_path}" in built_text and all(v["id"] in built_text for v in manifest["variants"])
     shown = portfolio_show_command(tmp_path)
     text = capsys.readouterr().out
     assert shown == manifest
@@ -288,7 +315,7 @@ def test_unreadable_dict_batches_are_refused_before_training_and_the_keys_can_be
         _fit_imp_and_builder(tmp_path, DigitsClassifier(width=4), NoTrainingAllowed(),
                              train_dataloaders=DataLoader(list(zip(x[:64], y[:64])), batch_size=32),
                              val_dataloaders=odd)
-    from dnnshifter_lightning.shrink.build import batch_unpacker
+    from dnnshifter_lightning.shrink.measure import batch_unpacker
 
     manifest = build_portfolio(sorted(level_ckpts.glob("level_*.ckpt"))[-1:], DigitsClassifier, tmp_path / "p", odd,
                                unpack=batch_unpacker("pixels", "digit"), latency_repeats=1, plot=False)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import io
 import warnings
 
 import pytest
 import torch
-from rich.console import Console
 
 from dnnshifter_lightning.shrink.build import build_portfolio
 from dnnshifter_lightning.train.checkpoints import CheckpointTrustWarning, load_checkpoint, load_module_checkpoint
@@ -58,5 +56,5 @@ def test_build_portfolio_reads_checkpoints_through_the_safe_loader(tmp_path):
 
     with pytest.warns(CheckpointTrustWarning, match="level_00.ckpt"):
         manifest = build_portfolio(ckpts, load, tmp_path / "out", None, {"shape": [1, 8, 8]}, latency_warmup=1,
-                                   latency_repeats=1, plot=False, console=Console(file=io.StringIO()))
+                                   latency_repeats=1, plot=False)
     assert [v["id"] for v in manifest["variants"]] == ["level_00"]
