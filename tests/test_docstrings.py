@@ -33,6 +33,16 @@ ENTRY_POINTS = (
     "dnnshifter_lightning.shrink.structured:prune_structurally",
     "dnnshifter_lightning.shrink.build:build_portfolio",
     "dnnshifter_lightning.shrink.callback:PortfolioBuilder",
+    "dnnshifter_lightning.train.imp:IterativeMagnitudePruning",
+    "dnnshifter_lightning.train.masks:MaskEnforcer",
+    "dnnshifter_lightning.portfolio:read_manifest",
+    "dnnshifter_lightning.portfolio:verify_portfolio",
+    "dnnshifter_lightning.serve.runtime:PortfolioRuntime",
+    "dnnshifter_lightning.serve.policy:LoadPolicy",
+    "dnnshifter_lightning.serve.policy:PolicyConfig",
+    "dnnshifter_lightning.serve.litserve:PortfolioLitAPI",
+    "dnnshifter_lightning.loadgen:run_load",
+    "dnnshifter_lightning.demo.run:run_demo",
 )
 
 
