@@ -292,7 +292,7 @@ def _capacity(target: Target, bodies, seconds: float) -> float:
 
 @contextlib.contextmanager
 def _litserve(portfolio: Path, model: str, workdir: Path) -> Iterator[Target]:
-    """A LitServe server of its own for one contender (``adaptive`` or ``fixed_<id>``), warmed; stopped after."""
+    """A LitServe server of its own for one contender (``adaptive`` or ``fixed_<id>``); stopped after."""
     from dnnshifter_lightning.serve.litserve_command import LitServeServer
 
     fixed = model.removeprefix("fixed_") if model.startswith("fixed_") else None
