@@ -562,7 +562,7 @@ def _report(args, console, Table, manifest, served, front, acc, engines, ref, ca
         r, m = rep(name)
         b = r["burst_report"][m]
         never = sum(x is None for x in b["reactions_s"])
-        react = "never" if b["reaction_s"] is None else f"{b['reaction_s']:.0f} s" + (
+        react = "never" if b["reaction_s"] is None else f"{b['reaction_s']:g} s" + (
             f" ({never} round(s) never)" if never else "")
         burst_rows.append([_label(name), react, _pct_spread(b["on_time_spread"]),
                            _pct_spread(b["effective_accuracy_spread"]),
@@ -607,8 +607,7 @@ def _report(args, console, Table, manifest, served, front, acc, engines, ref, ca
                    f"{_ms(versus['p99_ms']['litserve'])} vs {_ms(versus['p99_ms']['torchserve'])} ms.")
         console.print(vs_line)
     if args.figure:
-        _figure(args.figure, {t: {k.split("/", 1)[1]: v for k, v in rr.items() if k.startswith(f"{ref}/")}
-                              for t, rr in runs.items()}, front, acc, stair, deadline_s)
+        _figure(args.figure, runs, ref, front, acc, stair, deadline_s)
     if args.readme:
         md = (f"Staircase, effective accuracy (%) per step; the traces are the same for every engine, sized from "
               f"C = {cap:.0f} req/s, the closed-loop capacity of {front[0]} on {ENGINE_NAMES[ref]}; deadline "
@@ -626,35 +625,52 @@ def _report(args, console, Table, manifest, served, front, acc, engines, ref, ca
     return result
 
 
-def _figure(path: Path, runs, front, acc, stair, deadline_s) -> None:
+def _figure(path: Path, runs, ref: str, front, acc, stair, deadline_s) -> None:
+    """The staircase over time (round 1): the reference engine's adaptive server against its most accurate
+    and cheapest members fixed, and the other engine's adaptive server (dashed) where it ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {m: runs["staircase"][m][0]["series"] for m in ("adaptive", f"fixed_{front[0]}", f"fixed_{front[-1]}")}
-    t = [b["t"] for b in series["adaptive"]]
+    stair_runs = runs["staircase"]
+    lines = {f"{ref}/adaptive": ("tab:blue", "-"), f"{ref}/fixed_{front[0]}": ("tab:red", "-"),
+             f"{ref}/fixed_{front[-1]}": ("tab:green", "-")}
+    for other in ENGINES:
+        if other != ref and f"{other}/adaptive" in stair_runs:
+            lines[f"{other}/adaptive"] = ("tab:purple", "--")
+    series = {name: stair_runs[name][0]["series"] for name in lines}
+
+    def label(name: str) -> str:
+        engine, model = name.split("/", 1)
+        return f"{ENGINE_NAMES[engine]} {model.replace('_', ' ')}"
+
+    adaptive = series[f"{ref}/adaptive"]
+    t = [b["t"] for b in adaptive]
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     ax = axes[0]
-    ax.step(t, [b["rate"] for b in series["adaptive"]], where="post", color="k", label="offered load (req/s)")
+    ax.step(t, [b["rate"] for b in adaptive], where="post", color="k", label="offered load (req/s)")
     ax.set_ylabel("offered req/s")
     ax2 = ax.twinx()
     idx = {v: i for i, v in enumerate(front)}
-    ax2.plot(t, [idx.get(b["variant"], float("nan")) for b in series["adaptive"]], "o", ms=3, color="tab:blue",
-             label="active variant (adaptive)")
+    for name, (color, _) in lines.items():
+        if name.endswith("/adaptive"):
+            shift = 0.0 if name.startswith(ref) else 0.12  # side by side, not on top of each other
+            ax2.plot([x + 0.0 for x in t], [idx.get(b["variant"], float("nan")) + shift for b in series[name]], "o",
+                     ms=3, color=color, label=f"active variant ({label(name)})")
     ax2.set_yticks(range(len(front)), [f"{v} ({100 * acc[v]:.1f}%)" for v in front])
     ax2.invert_yaxis()
     ax.legend(loc="upper left", fontsize=8)
     ax2.legend(loc="upper right", fontsize=8)
-    colors = {"adaptive": "tab:blue", f"fixed_{front[0]}": "tab:red", f"fixed_{front[-1]}": "tab:green"}
-    for m, s in series.items():
-        axes[1].plot(t, [b["p99_ms"] for b in s], color=colors[m], label=m.replace("_", " "))
-        axes[2].plot(t, [100 * (b["effective_accuracy"] or 0) for b in s], color=colors[m], label=m.replace("_", " "))
+    for name, s in series.items():
+        color, style = lines[name]
+        axes[1].plot(t, [b["p99_ms"] for b in s], color=color, ls=style, label=label(name))
+        axes[2].plot(t, [100 * (b["effective_accuracy"] or 0) for b in s], color=color, ls=style, label=label(name))
     axes[1].axhline(deadline_s * 1000, ls="--", color="gray", lw=1)
     axes[1].set_yscale("log")
     axes[1].set_ylabel("p99 latency (ms)")
     axes[2].set_ylabel("effective accuracy (%)\nper second")
-    axes[2].set_xlabel("seconds into the staircase")
+    axes[2].set_xlabel("seconds into the staircase (round 1)")
     for a in axes[1:]:
         a.legend(fontsize=8)
     fig.suptitle("staircase: adaptive vs the most accurate and the cheapest front member, each fixed")
