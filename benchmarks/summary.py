@@ -123,16 +123,21 @@ def rows() -> list[list[str]]:
 
     serving = _load("bench_serving")
     if serving:
-        overall, goals = serving["overall"], serving["goals"]
-        ad = overall["adaptive"]
-        best = max((c for c in overall if c != "adaptive"), key=lambda c: overall[c]["effective_accuracy"])
-        steps = goals["steps_within_2_points"].values()
-        out.append(["Serving a staircase: effective accuracy (correct within 100 ms / offered), adaptive vs best "
-                    "fixed variant", "(not reported)",
-                    f"{ad['effective_accuracy']:.1%} vs {overall[best]['effective_accuracy']:.1%} ({best}); within "
-                    f"2 points of the step's best fixed on {sum(g['met'] for g in steps)} of {len(steps)} steps "
-                    f"(goal: all, and the upper envelope: {'met' if goals['upper_envelope_met'] else 'not met'})",
-                    _where(serving), "bench_serving"])
+        # one row per engine (runs before the LitServe column had only TorchServe's, at the top level)
+        engines = serving.get("engines") or {serving.get("reference_engine", "torchserve"): serving}
+        for engine, rep in engines.items():
+            overall, goals = rep["overall"], rep["goals"]
+            ad = overall["adaptive"]
+            best = max((c for c in overall if c != "adaptive"), key=lambda c: overall[c]["effective_accuracy"])
+            steps = goals["steps_within_2_points"].values()
+            name = {"torchserve": "TorchServe", "litserve": "LitServe"}.get(engine, engine)
+            out.append([f"Serving a staircase on {name}: effective accuracy (correct within 100 ms / offered), "
+                        "adaptive vs best fixed variant", "(not reported)",
+                        f"{ad['effective_accuracy']:.1%} vs {overall[best]['effective_accuracy']:.1%} ({best}); "
+                        f"within 2 points of the step's best fixed on {sum(g['met'] for g in steps)} of "
+                        f"{len(steps)} steps (goal: all, and the upper envelope: "
+                        f"{'met' if goals['upper_envelope_met'] else 'not met'})",
+                        _where(serving), "bench_serving"])
     else:
         out.append(["Serving under bursty load", "", missing, "", "bench_serving"])
     return out

@@ -25,23 +25,28 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import json
 import os
 import secrets
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import litserve
 
 from dnnshifter_lightning._atomic import atomic_write
 
-__all__ = ["litserve_command", "write_api_key", "check_bind"]
+__all__ = ["litserve_command", "write_api_key", "check_bind", "LitServeServer", "group_alive", "read_events",
+           "read_switches"]
 
 #: what LitServe's ``run`` can bind; only the first is loopback
 _HOSTS = {"127.0.0.1": True, "localhost": True, "0.0.0.0": False, "::": False}
@@ -192,3 +197,206 @@ def litserve_command(portfolio: Path, *, host: str = "127.0.0.1", port: int = 80
         stop.set()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     console.print("LitServe stopped")
+
+
+class LitServeServer:
+    """``dnnshifter litserve PORTFOLIO`` in a subprocess on a free 127.0.0.1 port; always stopped.
+
+    The server runs in its own process group with its own ``DNNSHIFTER_HOME`` (in ``workdir``), so
+    its generated API key (0600) and its logs stay there; :meth:`headers` sends the key. ``options``
+    are what ``--config`` takes (the handler's options and LitServe's ``max_batch_size`` /
+    ``batch_timeout``). :meth:`start` returns once ``/health`` answers 200 (every worker is set up);
+    :meth:`stop` sends SIGINT to the group, as Ctrl-C, then SIGKILL after ``timeout``.
+
+    Args:
+        portfolio: the portfolio directory, served as it is.
+        options: the ``--config`` content (``None``: the defaults).
+        no_auth: pass ``--no-auth`` (loopback only) instead of using a generated key.
+        workdir: where the config, the key, the log and the events log go (default: a temporary
+            directory, removed on :meth:`stop`).
+        startup_timeout: seconds to wait for ``/health``.
+
+    Raises:
+        RuntimeError: from :meth:`start`, when the server exits or is not healthy in time (with the
+            tail of its log).
+
+    Example::
+
+        with LitServeServer(Path("portfolio"), {"fixed_variant": "level_00"}) as ls:
+            status, reply = ls.predict(body)
+            print(ls.url, ls.switches())
+
+        >>> LitServeServer(Path("portfolio")).headers()      # not started: no key yet
+        {}
+    """
+
+    def __init__(self, portfolio: Path, options: Mapping[str, Any] | None = None, *, no_auth: bool = False,
+                 workdir: Path | None = None, startup_timeout: float = 180.0) -> None:
+        self.portfolio = Path(portfolio)
+        self.options = dict(options or {})
+        self.no_auth = no_auth
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dnnshifter-ls-")).resolve()
+        self.startup_timeout = startup_timeout
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self._key: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "litserve.log"
+
+    @property
+    def events_path(self) -> Path:
+        return self.workdir / "litserve_events.jsonl"
+
+    def headers(self) -> dict[str, str]:
+        """The headers every request needs: ``X-API-Key`` unless auth is off."""
+        return {"X-API-Key": self._key} if self._key else {}
+
+    def start(self) -> "LitServeServer":
+        """Start the server and wait until ``/health`` answers 200; stops it on failure."""
+        import yaml
+
+        from dnnshifter_lightning.serve.torchserve import free_port
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "litserve.yaml"
+        config.write_text(yaml.safe_dump(self.options))
+        self.events_path.unlink(missing_ok=True)
+        home = self.workdir / "home"
+        self.port = free_port()
+        args = [sys.executable, "-m", "dnnshifter_lightning.cli", "litserve", str(self.portfolio), "--port",
+                str(self.port), "--config", str(config), "--events-log", str(self.events_path),
+                *(["--no-auth"] if self.no_auth else [])]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=dict(os.environ, DNNSHIFTER_HOME=str(home), COLUMNS="200"))
+        try:
+            deadline = time.monotonic() + self.startup_timeout
+            key_file = home / "litserve" / "api_key"
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"LitServe exited ({self.proc.returncode}) during startup:\n{self.log_text()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"LitServe not healthy after {self.startup_timeout:.0f} s:\n{self.log_text()}")
+                if not self.no_auth and self._key is None and key_file.is_file():
+                    self._key = key_file.read_text() or None
+                if (self.no_auth or self._key) and _healthy(self.port, self._key):
+                    return self
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGINT to the server's process group (LitServe stops its workers), SIGKILL after ``timeout``."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived the main process
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            deadline = time.monotonic() + 10
+            while group_alive(proc.pid) and time.monotonic() < deadline:  # SIGKILL is delivered, not yet done
+                time.sleep(0.05)
+        self._key = None
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "LitServeServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def predict(self, body: bytes, headers: Mapping[str, str] | None = None, timeout: float = 60.0) -> tuple[int, bytes]:
+        """``POST /predict`` with the key; the status and the body."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("POST", "/predict", body=body, headers={**self.headers(), **(headers or {})})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event in the events log (each worker's ``setup``, every ``switch``), oldest first."""
+        return read_events(self.events_path)
+
+    def switches(self) -> list[dict[str, Any]]:
+        """Every switch so far, as :func:`~dnnshifter_lightning.serve.torchserve.read_switches` gives
+        TorchServe's: ``time`` (epoch seconds), ``from``, ``to``, ``reason``, ``switch_ms``."""
+        return read_switches(self.events_path)
+
+    def log_text(self, tail: int = 8000) -> str:
+        """The tail of the server's output."""
+        if not self.log_path.is_file():
+            return ""
+        return f"--- {self.log_path}\n{self.log_path.read_text(errors='replace')[-tail:]}"
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, dead but not yet reaped, do not count).
+
+    >>> group_alive(os.getpgid(0)), group_alive(2**22 + 1)
+    (True, False)
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():  # no procfs: signal 0 tells whether the group exists at all
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of an ``--events-log``, oldest first; a line that does not parse is skipped.
+
+    >>> import tempfile
+    >>> log = Path(tempfile.mkdtemp()) / "events.jsonl"
+    >>> _ = log.write_text('{"event": "setup"}\\n{broken\\n')
+    >>> read_events(log)
+    [{'event': 'setup'}]
+    """
+    out = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def read_switches(path: Path) -> list[dict[str, Any]]:
+    """The switches in an ``--events-log``: ``time``, ``from``, ``to``, ``reason``, ``switch_ms``.
+
+    >>> import tempfile
+    >>> log = Path(tempfile.mkdtemp()) / "events.jsonl"
+    >>> _ = log.write_text('{"event": "switch", "from": "a", "to": "b", "reason": "burst", "seconds": 0.002, '
+    ...                    '"time": 1700000000.0}\\n{"event": "setup"}\\n')
+    >>> read_switches(log)
+    [{'time': 1700000000.0, 'from': 'a', 'to': 'b', 'reason': 'burst', 'switch_ms': 2.0}]
+    """
+    return [{"time": e["time"], "from": e["from"], "to": e["to"], "reason": e["reason"],
+             "switch_ms": round(1000.0 * e["seconds"], 3)}
+            for e in read_events(path) if e.get("event") == "switch" and e.get("from") != e.get("to")]

@@ -1,0 +1,56 @@
+"""``LitServeServer``: ``dnnshifter litserve`` as a subprocess from Python (the benchmark starts one
+per contender): a free loopback port, the generated key in its own home, healthy before it returns,
+and always stopped, also when it fails to start."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dnnshifter_lightning.serve.defaults import INITIAL_SWITCH_REASON
+from dnnshifter_lightning.serve.torchserve import port_is_free
+
+from serve_fixtures import digits_samples, json_body
+
+pytest.importorskip("litserve")
+pytestmark = pytest.mark.litserve
+
+from dnnshifter_lightning.serve.litserve_command import LitServeServer, group_alive  # noqa: E402
+
+
+def test_serves_with_its_key_and_is_stopped(portfolio, tmp_path):
+    x, _ = digits_samples(1)
+    options = {"max_batch_size": 8, "batch_timeout": 0.005, "fixed_variant": "level_01", "profile_batch_sizes": [1],
+               "torch_threads": 1}
+    server = LitServeServer(portfolio, options, workdir=tmp_path / "ls")
+    with server as ls:
+        pgid, port = ls.proc.pid, ls.port
+        assert set(ls.headers()) == {"X-API-Key"}
+        assert (tmp_path / "ls" / "home" / "litserve" / "api_key").read_text() == ls.headers()["X-API-Key"]
+        status, reply = ls.predict(json_body(x[0]))
+        assert status == 200, reply
+        assert json.loads(reply)["variant"] == "level_01"
+        status, _ = ls.predict(json_body(x[0]), headers={"X-API-Key": "wrong-key-of-enough-length"})
+        assert status == 401
+        # fixed: at most the initial move to level_01, from the events log, with the switch time in ms
+        switches = ls.switches()
+        assert [(s["to"], s["reason"]) for s in switches] in ([], [("level_01", INITIAL_SWITCH_REASON)])
+        assert all(s["switch_ms"] >= 0 and s["time"] > 1.6e9 for s in switches)
+        assert [e["event"] for e in ls.events()].count("setup") == 1
+    assert server.proc is None and server.headers() == {}
+    assert not group_alive(pgid), "a LitServe process outlived stop()"
+    assert port_is_free(port)
+
+
+def test_a_server_that_cannot_start_raises_with_its_log_and_is_gone(portfolio, tmp_path):
+    server = LitServeServer(portfolio, {"fixed_variant": "no_such_variant"}, workdir=tmp_path / "ls")
+    with pytest.raises(RuntimeError, match="no_such_variant"):
+        server.start()
+    assert server.proc is None
+
+
+def test_stop_without_start_is_harmless(tmp_path):
+    server = LitServeServer(tmp_path, workdir=tmp_path / "ls")
+    server.stop()
+    assert server.proc is None
