@@ -54,3 +54,25 @@ def test_stop_without_start_is_harmless(tmp_path):
     server = LitServeServer(tmp_path, workdir=tmp_path / "ls")
     server.stop()
     assert server.proc is None
+
+
+def test_events_log_readers_skip_broken_lines_and_keep_real_switches(tmp_path):
+    from dnnshifter_lightning.serve.litserve_command import read_events, read_switches
+
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"event": "setup"}\n{broken\n'
+                   '{"event": "switch", "from": "a", "to": "b", "reason": "burst", "seconds": 0.002, "time": 1700000000.0}\n'
+                   '{"event": "switch", "from": "b", "to": "b", "reason": "noop", "seconds": 0.0, "time": 1700000001.0}\n')
+    assert [e["event"] for e in read_events(log)] == ["setup", "switch", "switch"]
+    assert read_switches(log) == [{"time": 1700000000.0, "from": "a", "to": "b", "reason": "burst", "switch_ms": 2.0}]
+    assert read_events(tmp_path / "missing.jsonl") == []
+
+
+def test_group_alive_and_unstarted_server_headers(tmp_path):
+    import os
+
+    from dnnshifter_lightning.serve.litserve_command import LitServeServer, group_alive
+
+    assert group_alive(os.getpgid(0)) is True
+    assert group_alive(2**22 + 1) is False
+    assert LitServeServer(tmp_path, workdir=tmp_path / "w").headers() == {}  # not started: no key yet
