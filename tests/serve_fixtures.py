@@ -131,3 +131,11 @@ def assert_matches_local(local, x, reply):
     expected = torch.softmax(logits[0].float(), dim=0)
     assert reply["label"] == int(expected.argmax())
     assert torch.allclose(torch.tensor(reply["scores"]), expected, atol=1e-4)
+
+
+def burst_concurrency(slice_index: int, start: int) -> int:
+    """Closed-loop clients for slice ``slice_index`` of a burst: ``start``, doubling every two slices,
+    at most 192. How many clients make requests queue past the policy's threshold depends on
+    the machine (a faster CPU drains a batch of the widest test variant sooner), so a burst grows
+    until it overloads the server instead of assuming one machine's speed."""
+    return min(start * 2 ** (slice_index // 2), max(start, 192))

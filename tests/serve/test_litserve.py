@@ -25,7 +25,7 @@ from dnnshifter_lightning.serve.runtime import PortfolioRuntime
 from dnnshifter_lightning.serve.defaults import PIN_HEADER
 from dnnshifter_lightning.serve.torchserve import _http, free_port
 
-from serve_fixtures import assert_matches_local, digits_samples, json_body, png_body, small_image
+from serve_fixtures import assert_matches_local, burst_concurrency, digits_samples, json_body, png_body, small_image
 
 pytest.importorskip("litserve")
 pytestmark = pytest.mark.litserve
@@ -221,10 +221,10 @@ def test_burst_steps_down_and_light_load_climbs_back(server, local):
         assert time.monotonic() < deadline, "never on the most accurate variant while idle"
         time.sleep(0.5)
     seen_down = False
-    # sustained concurrent burst, in 1 s slices, until a cheaper variant answers. 48 clients: the policy
-    # steps down when requests wait (LitServe reports each wait), and 16 at batch 8 barely queue
-    for _ in range(12):
-        res = run_load(server, "/predict", bodies, concurrency=48, duration_s=1.0, max_requests=5000, phase="burst")
+    # sustained concurrent burst, in 1 s slices, until a cheaper variant answers. From 48 clients: the
+    # policy steps down when requests wait (LitServe reports each wait), and 16 at batch 8 barely queue
+    for i in range(12):
+        res = run_load(server, "/predict", bodies, concurrency=burst_concurrency(i, 48), duration_s=1.0, max_requests=5000, phase="burst")
         assert res and all(r.status == 200 for r in res), {r.status for r in res}
         if any(r.variant != top for r in res):
             seen_down = True

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from dnnshifter_lightning.cli import app
 from dnnshifter_lightning.serve.torchserve import _http, port_is_free, free_port
 
-from serve_fixtures import digits_samples, json_body
+from serve_fixtures import burst_concurrency, digits_samples, json_body
 
 pytest.importorskip("litserve")
 pytestmark = pytest.mark.litserve
@@ -152,8 +152,8 @@ def test_metrics_show_the_switches_after_a_burst(cli):
     bodies = [json_body(x[i]) for i in range(64)]
     headers = {"X-API-Key": _key(cli)}
     stepped_down = None
-    for _ in range(15):  # a sustained burst in 1 s slices, until a cheaper variant answers
-        res = run_load(cli.port, "/predict", bodies, concurrency=48, duration_s=1.0, max_requests=5000,
+    for i in range(15):  # a sustained burst in 1 s slices, until a cheaper variant answers
+        res = run_load(cli.port, "/predict", bodies, concurrency=burst_concurrency(i, 48), duration_s=1.0, max_requests=5000,
                        headers=headers)
         assert res and all(r.status == 200 for r in res)
         stepped_down = next((r.variant for r in res if r.variant != "level_00"), None)

@@ -28,7 +28,7 @@ from dnnshifter_lightning.serve.torchserve import (
     JavaMissingError, ServingError, TorchServeServer, build_archive, read_switches,
 )
 from serve_fixtures import (
-    assert_matches_local, bomb_png, digits_samples, json_body, png_body, small_image,
+    assert_matches_local, bomb_png, burst_concurrency, digits_samples, json_body, png_body, small_image,
 )
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -214,8 +214,8 @@ def _burst_then_light_load(server, local):
         time.sleep(0.5)
     # sustained concurrent burst, in 1 s slices, until a cheaper variant answers (at most 12 s)
     seen_down = False
-    for _ in range(12):
-        res = run_load(server.ports.inference, path, bodies, concurrency=16, duration_s=1.0, max_requests=5000,
+    for i in range(12):
+        res = run_load(server.ports.inference, path, bodies, concurrency=burst_concurrency(i, 16), duration_s=1.0, max_requests=5000,
                        headers=headers, phase="burst")
         assert res and all(r.status == 200 for r in res), {r.status for r in res}
         if any(r.variant != top for r in res):
