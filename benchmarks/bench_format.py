@@ -86,12 +86,12 @@ def _write(fmt: Any, version: int, suffix: str, models: list[torch.nn.Module], x
 
 def _open(fmt_name: str, path: Path, old: Any) -> rt_mod.PortfolioRuntime:
     if fmt_name == "new":
-        return rt_mod.PortfolioRuntime(path, profile_batch_sizes=None)
+        return rt_mod.PortfolioRuntime(path, profile_batch_sizes=None, pin_inflate_interval_s=0.0)
     saved = rt_mod.load_variant, rt_mod.verify_portfolio
     rt_mod.load_variant = lambda p, sha256=None, **_: old.load_variant(p, sha256=sha256)
     rt_mod.verify_portfolio = old.verify_portfolio
     try:
-        return rt_mod.PortfolioRuntime(path, profile_batch_sizes=None)
+        return rt_mod.PortfolioRuntime(path, profile_batch_sizes=None, pin_inflate_interval_s=0.0)
     finally:
         rt_mod.load_variant, rt_mod.verify_portfolio = saved
 
