@@ -133,6 +133,8 @@ def _litserve(portfolio_dir: Path, workdir: Path, console: Any, no_auth: bool,
     cfg.write_text(yaml.safe_dump(options))
     events.unlink(missing_ok=True)
     port = free_port()
+    from dnnshifter_lightning.serve.litserve_command import default_sigint
+
     home = workdir / "home"
     args = [sys.executable, "-m", "dnnshifter_lightning.cli", "litserve", str(portfolio_dir), "--port", str(port),
             "--config", str(cfg), "--events-log", str(events), *(["--no-auth"] if no_auth else [])]
@@ -141,7 +143,8 @@ def _litserve(portfolio_dir: Path, workdir: Path, console: Any, no_auth: bool,
         console.print("[yellow]API key is OFF for this demo[/] (127.0.0.1 only; `dnnshifter litserve` keeps it on)")
     with log_path.open("wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, DNNSHIFTER_HOME=str(home), COLUMNS="200"))
+                                env=dict(os.environ, DNNSHIFTER_HOME=str(home), COLUMNS="200"),
+                                preexec_fn=default_sigint)  # stopped with SIGINT below
     try:
         deadline = time.monotonic() + start_timeout_s
         while "Ctrl-C stops it" not in log_path.read_text(errors="replace"):

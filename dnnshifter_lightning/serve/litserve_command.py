@@ -46,7 +46,7 @@ import litserve
 from dnnshifter_lightning._atomic import atomic_write
 
 __all__ = ["litserve_command", "write_api_key", "check_bind", "LitServeServer", "group_alive", "read_events",
-           "read_switches"]
+           "read_switches", "default_sigint"]
 
 #: what LitServe's ``run`` can bind; only the first is loopback
 _HOSTS = {"127.0.0.1": True, "localhost": True, "0.0.0.0": False, "::": False}
@@ -273,7 +273,8 @@ class LitServeServer:
                 *(["--no-auth"] if self.no_auth else [])]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env=dict(os.environ, DNNSHIFTER_HOME=str(home), COLUMNS="200"))
+                                         env=dict(os.environ, DNNSHIFTER_HOME=str(home), COLUMNS="200"),
+                                         preexec_fn=default_sigint)
         try:
             deadline = time.monotonic() + self.startup_timeout
             key_file = home / "litserve" / "api_key"
@@ -343,6 +344,13 @@ class LitServeServer:
         if not self.log_path.is_file():
             return ""
         return f"--- {self.log_path}\n{self.log_path.read_text(errors='replace')[-tail:]}"
+
+
+def default_sigint() -> None:
+    """For ``preexec_fn``: SIGINT at its default in a server we stop with SIGINT (as Ctrl-C). A shell
+    without job control starts background jobs with SIGINT ignored, and children inherit that; the
+    server would then ignore the stop and wait for the SIGKILL fallback."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def group_alive(pgid: int) -> bool:

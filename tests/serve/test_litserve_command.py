@@ -60,8 +60,11 @@ def cli(portfolio, tmp_path_factory):
     command = shlex.split(_readme_block()[0])
     assert command[:3] == ["dnnshifter", "litserve", "portfolio"]
     with log.open("wb") as out:
+        # SIGINT at its default, as under a terminal: a shell without job control (a CI script's
+        # background job) starts its children with SIGINT ignored, and Ctrl-C would then do nothing
         proc = subprocess.Popen([*command, "--port", str(port)], cwd=work, stdout=out, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     server = _Cli(proc, port, log)
     server.work, server.env = work, env
     try:
@@ -169,16 +172,6 @@ def test_metrics_show_the_switches_after_a_burst(cli):
 
 
 def test_ctrl_c_stops_the_server_and_its_workers(cli):  # last: it stops the module's server
-    # the burst test before may leave requests queued in the workers; a clean stop finishes them, so
-    # stop an idle server: one whose answer comes back within a second again
-    x, _ = digits_samples(1)
-    deadline = time.monotonic() + 60
-    while True:
-        started = time.monotonic()
-        status, _ = _http("POST", cli.port, "/predict", json_body(x[0]), {"X-API-Key": _key(cli)})
-        if status == 200 and time.monotonic() - started < 1.0:
-            break
-        assert time.monotonic() < deadline, "the server never became idle after the burst"
     os.killpg(cli.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process of the group
     assert cli.proc.wait(30) == 0, cli.output()[-3000:]
     out = cli.output()

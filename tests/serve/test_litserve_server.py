@@ -76,3 +76,21 @@ def test_group_alive_and_unstarted_server_headers(tmp_path):
     assert group_alive(os.getpgid(0)) is True
     assert group_alive(2**22 + 1) is False
     assert LitServeServer(tmp_path, workdir=tmp_path / "w").headers() == {}  # not started: no key yet
+
+
+def test_a_server_started_with_sigint_ignored_still_stops_on_sigint(portfolio, tmp_path):
+    """A shell without job control starts background jobs with SIGINT ignored; the server must still
+    take stop()'s SIGINT, not wait for the SIGKILL fallback."""
+    import signal
+    import time
+
+    from dnnshifter_lightning.serve.litserve_command import LitServeServer
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what the server would inherit
+    try:
+        server = LitServeServer(portfolio, {"profile_batch_sizes": [1]}, workdir=tmp_path / "w").start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    started = time.monotonic()
+    server.stop(timeout=60)
+    assert time.monotonic() - started < 20, "the server ignored SIGINT and waited for SIGKILL"
