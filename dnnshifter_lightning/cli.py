@@ -410,9 +410,37 @@ def litserve_cmd(
 
     try:
         litserve_command(portfolio, host=host, port=port, workers_per_device=workers_per_device, api_key=api_key,
-                         no_auth=no_auth, config=config, events_log=events_log, console=console)
+                         no_auth=no_auth, config=config, events_log=events_log, report=_print_litserve_event)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         _exit_with(exc)
+
+
+def _print_litserve_event(event: str, info: dict) -> None:
+    """What `dnnshifter litserve` shows: where it starts, the URLs and the key once healthy, the stop."""
+    if event == "starting":
+        console.print(f"starting LitServe on {info['bind']}:{info['port']} (loading and profiling the portfolio "
+                      "in each worker)...", highlight=False, soft_wrap=True)
+    elif event == "serving":
+        base, key_file = info["base"], info["key_file"]
+        auth = f' -H "X-API-Key: $(cat {key_file})"' if key_file else (' -H "X-API-Key: $KEY"' if info["api_key"] else "")
+        where = "every interface" if info["bind"] != "127.0.0.1" else "127.0.0.1 only"
+        console.print(f"[bold green]LitServe is serving {info['portfolio']}[/] ({where}, "
+                      f"{info['workers_per_device']} worker(s) per device)\n"
+                      f"  predict  POST {base}/predict\n"
+                      f"  health   {base}/health\n"
+                      f"  metrics  {base}/metrics/   (Prometheus; not behind the API key, as TorchServe's)\n"
+                      f"  info     {base}/info", highlight=False, soft_wrap=True)
+        if key_file:
+            console.print(f"  API key ON: generated, in {key_file} (mode 0600); send it as X-API-Key", highlight=False,
+                          soft_wrap=True)
+        elif info["api_key"]:
+            console.print("  API key ON: the one given with --api-key; send it as X-API-Key")
+        else:
+            console.print("  [yellow]API key OFF (--no-auth):[/] any local user can call it")
+        console.print(f"try:  curl{auth} -X POST {base}/predict --data-binary @digit.png\n"
+                      "Ctrl-C stops it", highlight=False, soft_wrap=True)
+    elif event == "stopped":
+        console.print("LitServe stopped")
 
 
 if __name__ == "__main__":  # pragma: no cover

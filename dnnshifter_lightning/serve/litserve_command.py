@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import litserve
 
@@ -112,18 +112,23 @@ def _healthy(port: int, key: str | None) -> bool:
 
 def litserve_command(portfolio: Path, *, host: str = "127.0.0.1", port: int = 8000, workers_per_device: int = 1,
                      api_key: str | None = None, no_auth: bool = False, config: Path | None = None,
-                     accelerator: str = "auto", events_log: Path | None = None, console: Any = None) -> None:
+                     accelerator: str = "auto", events_log: Path | None = None,
+                     report: Callable[[str, dict[str, Any]], None] | None = None) -> None:
     """Serve ``portfolio`` with LitServe in the foreground until Ctrl-C (see the module docstring).
 
-    Every check runs before a worker starts, and raises ``ValueError`` saying what to change.
+    Every check runs before a worker starts, and raises ``ValueError`` saying what to change. It prints
+    nothing: ``report(event, info)`` hears ``"starting"`` (``bind``, ``port``), ``"serving"`` once
+    ``/health`` answers (``portfolio``, ``base``, ``bind``, ``workers_per_device``, ``key_file``: the
+    generated key's file or ``None``, ``api_key``: whether a key is on) and ``"stopped"``; the CLI
+    prints them.
     """
     from dnnshifter_lightning.serve.core import LITSERVE_BATCHING, read_options_file
     from dnnshifter_lightning.serve.defaults import state_dir
 
-    if console is None:
-        from rich.console import Console
+    def tell(event: str, **info: Any) -> None:
+        if report is not None:
+            report(event, info)
 
-        console = Console()
     bind = check_bind(host, api_key, no_auth)
     if not 1024 <= port <= 65535:
         raise ValueError(f"--port {port}: LitServe takes a port from 1024 to 65535")
@@ -167,28 +172,12 @@ def litserve_command(portfolio: Path, *, host: str = "127.0.0.1", port: int = 80
             stop.wait(0.2)
         else:  # stopped, or never healthy: LitServe has logged why
             return
-        auth = f' -H "X-API-Key: $(cat {key_file})"' if key_file else (' -H "X-API-Key: $KEY"' if api_key else "")
-        where = "every interface" if bind != "127.0.0.1" else "127.0.0.1 only"
-        console.print(f"[bold green]LitServe is serving {portfolio}[/] ({where}, {workers_per_device} worker(s) "
-                      f"per device)\n"
-                      f"  predict  POST {base}/predict\n"
-                      f"  health   {base}/health\n"
-                      f"  metrics  {base}/metrics/   (Prometheus; not behind the API key, as TorchServe's)\n"
-                      f"  info     {base}/info", highlight=False, soft_wrap=True)
-        if key_file:
-            console.print(f"  API key ON: generated, in {key_file} (mode 0600); send it as X-API-Key", highlight=False,
-                          soft_wrap=True)
-        elif api_key:
-            console.print("  API key ON: the one given with --api-key; send it as X-API-Key")
-        else:
-            console.print("  [yellow]API key OFF (--no-auth):[/] any local user can call it")
-        console.print(f"try:  curl{auth} -X POST {base}/predict --data-binary @digit.png\n"
-                      "Ctrl-C stops it", highlight=False, soft_wrap=True)
+        tell("serving", portfolio=str(portfolio), base=base, bind=bind, workers_per_device=workers_per_device,
+             key_file=str(key_file) if key_file else None, api_key=bool(api_key))
 
     watcher = threading.Thread(target=announce, name="dnnshifter-health", daemon=True)
     watcher.start()
-    console.print(f"starting LitServe on {bind}:{port} (loading and profiling the portfolio in each worker)...",
-                  highlight=False, soft_wrap=True)
+    tell("starting", bind=bind, port=port)
     try:
         server.run(host=bind, port=port, generate_client_file=False, log_level="warning")
     except KeyboardInterrupt:  # Ctrl-C before the workers were up: LitServe's own shutdown did not run
@@ -196,7 +185,7 @@ def litserve_command(portfolio: Path, *, host: str = "127.0.0.1", port: int = 80
     finally:
         stop.set()
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    console.print("LitServe stopped")
+    tell("stopped")
 
 
 class LitServeServer:
