@@ -18,11 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +26,7 @@ from typing import Any, Callable, Iterator, Mapping
 from dnnshifter_lightning.loadgen import LoadResult, run_load, summarize
 from dnnshifter_lightning.serve.defaults import INITIAL_SWITCH_REASON, PIN_HEADER, default_model_config
 from dnnshifter_lightning.serve.torchserve import (JavaMissingError, ServingError, TorchServeServer, _http, build_archive,
-                                                   check_java, free_port, read_log_events, read_switches)
+                                                   check_java, read_log_events, read_switches)
 
 __all__ = ["run_demo_serving", "choose_engine", "ENGINES"]
 
@@ -105,69 +100,33 @@ def _torchserve(portfolio_dir: Path, workdir: Path, console: Any, model_name: st
                       "handler", "the archive's config", "handler.fixed_variant", {"archive": str(mar)})
 
 
-def _events(log: Path) -> list[dict[str, Any]]:
-    out = []
-    if log.is_file():
-        for line in log.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
-def _litserve_switches(log: Path) -> list[dict[str, Any]]:
-    return [{"time": e["time"], "from": e["from"], "to": e["to"], "reason": e["reason"],
-             "switch_ms": round(1000.0 * e["seconds"], 3)} for e in _events(log) if e.get("event") == "switch"]
-
-
 @contextlib.contextmanager
 def _litserve(portfolio_dir: Path, workdir: Path, console: Any, no_auth: bool,
               config: Mapping[str, Any] | None, start_timeout_s: float = 180.0) -> Iterator[_Engine]:
-    """``dnnshifter litserve`` in a subprocess (its own process group, always stopped), API key on
-    unless ``no_auth``; the key and its logs stay in ``workdir``."""
-    import yaml
+    """``dnnshifter litserve`` in a subprocess (:class:`~dnnshifter_lightning.serve.litserve_command.LitServeServer`:
+    its own process group, always stopped), API key on unless ``no_auth``; the key and its logs stay in
+    ``workdir``."""
+    from dnnshifter_lightning.serve.litserve_command import LitServeServer
 
-    workdir.mkdir(parents=True, exist_ok=True)
     options = dict((config or {}).get("handler") or {})
     options.pop("portfolio_dir", None)  # a path inside a .mar, not an option of a directory served as it is
-    cfg, events, log_path = workdir / "litserve.yaml", workdir / "litserve_events.jsonl", workdir / "litserve.log"
-    cfg.write_text(yaml.safe_dump(options))
-    events.unlink(missing_ok=True)
-    port = free_port()
-    from dnnshifter_lightning.serve.litserve_command import default_sigint
-
-    home = workdir / "home"
-    args = [sys.executable, "-m", "dnnshifter_lightning.cli", "litserve", str(portfolio_dir), "--port", str(port),
-            "--config", str(cfg), "--events-log", str(events), *(["--no-auth"] if no_auth else [])]
-    console.print(f"[bold]serving {portfolio_dir} with LitServe[/] (127.0.0.1:{port}, one worker)")
+    server = LitServeServer(portfolio_dir, options, no_auth=no_auth, workdir=workdir, startup_timeout=start_timeout_s)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        raise ServingError(f"LitServe did not become healthy (see {server.log_path}):\n{exc}") from exc
+    console.print(f"[bold]serving {portfolio_dir} with LitServe[/] (127.0.0.1:{server.port}, one worker)")
     if no_auth:
         console.print("[yellow]API key is OFF for this demo[/] (127.0.0.1 only; `dnnshifter litserve` keeps it on)")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, DNNSHIFTER_HOME=str(home), COLUMNS="200"),
-                                preexec_fn=default_sigint)  # stopped with SIGINT below
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while "Ctrl-C stops it" not in log_path.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ServingError(f"LitServe did not become healthy (see {log_path}):\n"
-                                   + log_path.read_text(errors="replace")[-3000:])
-            time.sleep(0.2)
-        headers = {} if no_auth else {"X-API-Key": (home / "litserve" / "api_key").read_text()}
-
         def memory() -> dict[str, Any]:
-            setups = [e for e in _events(events) if e.get("event") == "setup"]
+            setups = [e for e in server.events() if e.get("event") == "setup"]
             return setups[-1].get("memory", {}) if setups else {}
 
-        yield _Engine(port, "/predict", headers, memory, lambda: _litserve_switches(events),
-                      "LitServe worker", "the config", "fixed_variant", {"log": str(log_path)})
+        yield _Engine(server.port, "/predict", server.headers(), memory, server.switches,
+                      "LitServe worker", "the config", "fixed_variant", {"log": str(server.log_path)})
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C: LitServe stops its workers
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        server.stop()
 
 
 def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *, engine: str = "torchserve",
