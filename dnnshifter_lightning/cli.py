@@ -1,4 +1,4 @@
-"""The ``dnnshifter`` command (typer): every command, and the console output of the portfolio and TorchServe ones.
+"""The ``dnnshifter`` command (typer): every command and all of their console output.
 
     dnnshifter demo --out DIR [--engine torchserve|litserve]
     dnnshifter portfolio build CKPT_DIR --model package.module:Class --out DIR [--datamodule package.module:Class]
@@ -34,6 +34,7 @@ app = typer.Typer(
 portfolio_app = typer.Typer(help="Build or inspect a portfolio of structurally pruned variants.", no_args_is_help=True)
 app.add_typer(portfolio_app, name="portfolio")
 console = Console()
+_STDOUT = console  # the default of the commands' and DemoPrinter's ``console`` argument
 
 
 def _exit_with(exc: Exception) -> None:
@@ -62,11 +63,168 @@ def demo(
     from dnnshifter_lightning.serve.torchserve import ServingError
 
     try:
-        run_demo(out, levels=levels, prune_fraction=prune_fraction, epochs_per_level=epochs_per_level,
-                 rewind_to=rewind_to, width=width, seed=seed, serve=serve, fresh=fresh, engine=engine,
-                 console=console)
+        with DemoPrinter(console) as printer:
+            run_demo(out, levels=levels, prune_fraction=prune_fraction, epochs_per_level=epochs_per_level,
+                     rewind_to=rewind_to, width=width, seed=seed, serve=serve, fresh=fresh, engine=engine,
+                     report=printer)
     except (ValueError, FileExistsError, ServingError) as exc:
         _exit_with(exc)
+
+
+# ------------------------------------------------------------------------------------- demo output
+
+_ENGINE_NAMES = {"torchserve": "TorchServe", "litserve": "LitServe"}
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def _mb(n: Any) -> str:
+    return "-" if not isinstance(n, (int, float)) else f"{n / 2**20:.2f} MB"
+
+
+class DemoPrinter:
+    """What ``dnnshifter demo`` prints: a ``report(event, info)`` for
+    :func:`~dnnshifter_lightning.demo.run.run_demo` and
+    :func:`~dnnshifter_lightning.demo.serving.run_demo_serving`.
+
+    A step of the serving trace shows as a spinner between its ``phase_start`` and ``phase_end``;
+    :meth:`close` stops one left running (the ``with`` block does it).
+
+    Args:
+        console: where it prints (default: the command's console).
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console if console is not None else _STDOUT
+        self._status: Any = None
+
+    def __enter__(self) -> DemoPrinter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        show = getattr(self, f"_on_{event}", None)
+        if show is not None:
+            show(info)
+
+    # the pipeline (demo/run.py)
+    def _on_imp(self, i: dict[str, Any]) -> None:
+        self.console.rule("[bold]1. Iterative Magnitude Pruning with rewinding on real 8x8 digits")
+        self.console.print(f"DigitsCNN(width={i['width']}), {i['macs'] / 1e6:.1f} M MACs per sample dense; "
+                           f"{i['levels']} levels x {i['epochs_per_level']} epochs at {i['prune_fraction']:.0%} per "
+                           f"level (final sparsity {i['final_sparsity']:.2%}), rewind to {i['rewind_to']}")
+
+    def _on_portfolio(self, i: dict[str, Any]) -> None:
+        self.console.print(f"Portfolio: {i['path']} (manifest.json, variants, portfolio.png)")
+
+    def _on_ladder(self, i: dict[str, Any]) -> None:
+        ladder = i["report"]
+        self.console.rule("[bold]2. The ladder: the front of validation accuracy against batch-8 latency")
+        for line in ladder.lines():
+            self.console.print(f"[yellow]{line}[/]" if line.startswith("NOT MET") else line, highlight=False)
+        self.console.print("[green]ladder criteria met[/]" if ladder.ok else
+                           "[yellow]this portfolio is not a ladder worth switching along (see NOT MET above)[/]")
+
+    def _on_serving(self, i: dict[str, Any]) -> None:
+        self.console.rule(f"[bold]3. Serving the portfolio with {_ENGINE_NAMES[i['engine']]}, switching as load changes")
+        self.console.print(f"engine: {i['why']}", highlight=False)
+
+    def _on_done(self, i: dict[str, Any]) -> None:
+        self.console.print(f"Done in {i['seconds']:.0f} s. Summary: {i['summary']}")
+
+    # the serving step (demo/serving.py)
+    def _on_skipped(self, i: dict[str, Any]) -> None:
+        self.console.print(f"[yellow]skipping the TorchServe part of the demo:[/] {i['reason']}")
+
+    def _on_requests(self, i: dict[str, Any]) -> None:
+        self.console.print(f"{i['count']} held-out digits as requests")
+
+    def _on_engine(self, i: dict[str, Any]) -> None:
+        if i["engine"] == "torchserve":
+            self.console.print(f"[bold]serving {i['serving']} with TorchServe[/] (127.0.0.1)")
+            off = "token auth is OFF for this demo[/] (127.0.0.1 only; `dnnshifter serve` keeps it on)"
+        else:
+            self.console.print(f"[bold]serving {i['serving']} with LitServe[/] (127.0.0.1:{i['port']}, one worker)")
+            off = "API key is OFF for this demo[/] (127.0.0.1 only; `dnnshifter litserve` keeps it on)"
+        if i["no_auth"]:
+            self.console.print(f"[yellow]{off}")
+
+    def _on_phase_start(self, i: dict[str, Any]) -> None:
+        phase = i["phase"]
+        text = {"capacity": lambda: f"measuring the capacity of {i['variant']}: {i['clients']} clients for {i['seconds']:g} s",
+                "settle": lambda: "settling: light load until the most accurate variant serves",
+                "light": lambda: f"light: {i['rate']:.0f} req/s for {i['seconds']:g} s",
+                "burst": lambda: f"burst: {i['rate']:.0f} req/s ({i['factor']:g}x capacity) for {i['seconds']:g} s",
+                "recovery": lambda: f"recovery: {i['rate']:.0f} req/s until the most accurate variant serves again",
+                }.get(phase, lambda: phase)()
+        self.close()
+        self._status = self.console.status(text)
+        self._status.start()
+
+    def _on_phase_end(self, i: dict[str, Any]) -> None:
+        self.close()
+
+    def _on_result(self, r: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        out, served, front, top = self.console, r["served"], r["front"], r["most_accurate"]
+        out.print(f"served set ({served['selection']}): {', '.join(front)}"
+                  + (f"; dominated, not loaded: {', '.join(served['dominated'])}" if served["dominated"] else "")
+                  + (f"; below the accuracy floor {served['floor']:.1%}: {', '.join(served['below_floor'])}"
+                     if served["below_floor"] else "")
+                  + (f" (accuracy floor {served['floor']:.1%}, {served['floor_rule']})"
+                     if served["floor"] is not None else ""))
+        for warning in served["warnings"]:
+            out.print(f"[yellow]warning:[/] {warning}")
+        memory = r["memory"]
+        if memory:
+            out.print(f"memory for model weights: {_mb(memory.get('total_bytes'))} resident for the {len(front)} "
+                      f"served variants (all compressed + the active one inflated) against "
+                      f"{_mb(memory.get('served_all_inflated_bytes'))} with all of them inflated")
+        out.print(f"capacity of {top}: {r['capacity_rps']:.0f} req/s (closed loop, 16 clients); light load "
+                  f"{r['light_rate']:.0f} req/s, burst {r['burst_rate']:.0f} req/s")
+        switches, fixed = r["switches"], r["fixed_variant"]
+        if switches:
+            table = Table(title=f"variant switches seen by the {r['switch_source']}")
+            for col in ("at (s)", "", "from", "to", "why", "switch (ms)"):
+                table.add_column(col)
+            for s in switches:
+                table.add_row(f"{s['at_s']:.2f}", s["direction"], s["from"], s["to"], s["reason"],
+                              f"{s['switch_ms']:.2f}")
+            out.print(table)
+        elif fixed:
+            out.print(f"[yellow]no switch: {r['fixed_by']['config']} fixes the variant to {fixed} "
+                      f"({r['fixed_by']['key']})[/]")
+        elif len(front) == 1:
+            out.print(f"[yellow]no switch: {front[0]} is the only served variant (the accuracy/latency front above "
+                      f"the accuracy floor has one variant: it is both the most accurate and the cheapest), so the "
+                      f"policy has nothing to switch to[/]")
+        else:
+            out.print(f"[yellow]no switch happened: the burst did not saturate the worker on {top}[/]")
+        table = Table(title=f"serving per phase (latency from when each request was due; deadline "
+                            f"{r['deadline_ms']:g} ms)")
+        for col in ("phase", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "req/s", "accuracy", "effective acc.",
+                    "served by"):
+            table.add_column(col, justify="right" if col not in ("phase", "served by") else "left")
+        for name, p in r["phases"].items():
+            mix = ", ".join(f"{k}: {v}" for k, v in sorted(p["variants"].items()))
+            table.add_row(name, str(p["requests"]), str(p["errors"]), _fmt(p["p50_ms"]), _fmt(p["p90_ms"]),
+                          _fmt(p["p99_ms"]), _fmt(p["throughput_rps"]),
+                          "-" if p["accuracy"] is None else f"{p['accuracy']:.1%}",
+                          "-" if p["effective_accuracy"] is None else f"{p['effective_accuracy']:.1%}", mix)
+        out.print(table)
+        if r["effective_accuracy"] is not None:
+            out.print(f"effective accuracy of the run: {r['effective_accuracy']:.1%} of {r['requests']} requests "
+                      f"answered correctly within {r['deadline_ms']:g} ms of when they were due")
 
 
 @portfolio_app.command("build")
@@ -215,8 +373,6 @@ def portfolio_show_command(dir: Path) -> dict[str, Any]:  # noqa: A002 - the CLI
 # -------------------------------------------------------------------------------- TorchServe commands
 # Plain functions behind `dnnshifter archive` and `dnnshifter serve [--stop]`, with the console passed in
 # (tests record it). On failure each prints the error and raises SystemExit(1).
-
-_STDOUT = console
 
 from dnnshifter_lightning.serve.defaults import state_dir  # noqa: E402  (the servers' state, shared)
 

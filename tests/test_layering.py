@@ -53,3 +53,51 @@ def test_the_core_imports_with_the_frameworks_blocked():
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "core ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# Console output outside cli.py, and why each is there: the end-of-fit tables run inside Trainer.fit,
+# next to Lightning's own callbacks' output, not in a command.
+PRINTS_ALLOWED = {
+    "cli.py": "the commands' output",
+    "shrink/report.py": "the portfolio table and the build's progress bar (rich)",
+    "shrink/callback.py": "PortfolioBuilder's end-of-fit table (through shrink/report)",
+    "train/imp.py": "IterativeMagnitudePruning's end-of-fit table",
+}
+
+
+def _console_output(source: str) -> list[str]:
+    """Where a module prints: ``print(...)``, ``x.print(...)``, ``x.rule(...)``, ``x.status(text)`` (a rich
+    spinner; psutil's ``status()`` takes no argument) and ``import rich``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name) and func.id == "print":
+                found.append(f"line {node.lineno}: print()")
+            elif isinstance(func, ast.Attribute) and (func.attr in ("print", "rule")
+                                                     or (func.attr == "status" and node.args)):
+                found.append(f"line {node.lineno}: .{func.attr}()")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(n.split(".")[0] == "rich" for n in names):
+                found.append(f"line {node.lineno}: imports rich")
+    return found
+
+
+def test_console_output_lives_in_cli_py():
+    from pathlib import Path
+
+    import dnnshifter_lightning
+
+    root = Path(dnnshifter_lightning.__file__).parent
+    offenders = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        found = _console_output(path.read_text())
+        if found and rel not in PRINTS_ALLOWED:
+            offenders[rel] = found
+    assert not offenders, f"console output outside cli.py (report events instead): {offenders}"
+    assert _console_output("import rich.table\nconsole.rule('x')\nprint(1)\nproc.status()\nc.status('x')") == [
+        "line 1: imports rich", "line 2: .rule()", "line 3: print()", "line 5: .status()"]

@@ -5,9 +5,12 @@
 2. The post-fit :class:`~dnnshifter_lightning.shrink.callback.PortfolioBuilder` prunes each checkpoint
    structurally into a portfolio of dense variants, measures them and draws ``portfolio.png``;
    :func:`ladder_report` then checks that the front (validation accuracy against batch-8 latency) is
-   a ladder worth switching along and prints what it found.
+   a ladder worth switching along.
 3. Serve the portfolio with real TorchServe or LitServe (``engine``), drive a burst then light load,
-   and print the switches.
+   and report the switches.
+
+What it finds goes to a ``report(event, info)`` callback; ``dnnshifter demo`` prints it with
+:class:`~dnnshifter_lightning.cli.DemoPrinter`.
 
 Example::
 
@@ -23,15 +26,17 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from rich.console import Console
 
 from dnnshifter_lightning.demo.digits import DigitsClassifier, DigitsDataModule
 from dnnshifter_lightning.shrink.measure import count_macs
 from dnnshifter_lightning.train.imp import IterativeMagnitudePruning
+
+if TYPE_CHECKING:
+    from dnnshifter_lightning.demo.serving import Report
 
 __all__ = ["run_demo", "DEMO_DEFAULTS", "LadderReport", "ladder_report", "LADDER_CRITERIA"]
 
@@ -57,7 +62,7 @@ class LadderReport:
         return not self.problems
 
     def lines(self) -> list[str]:
-        """One line per criterion, as the demo prints them."""
+        """One line per criterion, for the demo's output."""
         pts = "?" if self.accuracy_points is None else f"{self.accuracy_points:.1f}"
         smp = "?" if self.accuracy_samples is None else str(self.accuracy_samples)
         lat = "?" if self.latency_ratio is None else f"{self.latency_ratio:.1f}x"
@@ -110,7 +115,7 @@ def ladder_report(manifest: dict[str, Any], val_samples: int | None,
 #: dense, heavy enough that one TorchServe worker is the bottleneck of the serving step on 2 cores. Its channels
 #: only start to die, and so its latency only starts to fall, beyond about 99% sparsity: the last levels are where
 #: the variants get faster and where digits accuracy starts to drop, so the front is a ladder (:func:`ladder_report`
-#: checks it and the demo prints the result; docs/design-notes/demo-workload.md has the measurements). The paper
+#: checks it and the demo reports the result; docs/design-notes/demo-workload.md has the measurements). The paper
 #: prunes 20% per level; the demo takes far bigger steps so that 16 epochs of a 100 M-MAC model fit in a few minutes
 #: on two CPU cores.
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -128,7 +133,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
              epochs_per_level: int = DEMO_DEFAULTS["epochs_per_level"], rewind_to: str | int = DEMO_DEFAULTS["rewind_to"],
              width: int = DEMO_DEFAULTS["width"], seed: int = DEMO_DEFAULTS["seed"], build: bool = True,
              serve: bool = True, fresh: bool = False, engine: str | None = None,
-             console: Console | None = None) -> dict[str, Any]:
+             report: Report | None = None) -> dict[str, Any]:
     """Run the demo into ``out`` and return a summary (also written to ``out/summary.json``).
 
     The defaults are :data:`DEMO_DEFAULTS`; ``build=False`` stops after training, ``serve=False``
@@ -136,6 +141,15 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
     ``fresh`` (which deletes ``out`` first). ``engine`` serves with ``"torchserve"`` or
     ``"litserve"``; by default TorchServe while Java 17 is present, else LitServe, and the demo says
     why (:func:`~dnnshifter_lightning.demo.serving.choose_engine`, checked before training).
+
+    ``report(event, info)`` hears ``"imp"`` (the model and the IMP schedule: ``width``, ``macs``,
+    ``levels``, ``epochs_per_level``, ``prune_fraction``, ``final_sparsity``, ``rewind_to``) before
+    training, ``"portfolio"`` (``path``) and ``"ladder"`` (``report``: a :class:`LadderReport`) after
+    the build, ``"serving"`` (``engine``, ``why``) and then the events of
+    :func:`~dnnshifter_lightning.demo.serving.run_demo_serving`, and last ``"done"`` (``seconds``,
+    ``summary``: the path of ``summary.json``). ``None`` shows nothing but Lightning's progress bar
+    and the callbacks' tables; :class:`~dnnshifter_lightning.cli.DemoPrinter` prints what
+    ``dnnshifter demo`` prints.
 
     Example::
 
@@ -154,7 +168,7 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
             ...
         FileExistsError: .../imp already holds level checkpoints: pass --fresh or another --out
     """
-    console = console or Console()
+    report = report or (lambda event, info: None)
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -170,14 +184,12 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
     summary: dict[str, Any] = {"out": str(out)}
     started = time.perf_counter()
 
-    console.rule("[bold]1. Iterative Magnitude Pruning with rewinding on real 8x8 digits")
-    target = 1 - (1 - prune_fraction) ** levels
     L.seed_everything(seed, verbose=False)
     model = DigitsClassifier(width=width)
     macs = count_macs(model.model, torch.zeros(1, *DigitsDataModule.input_spec["shape"]))
-    console.print(f"DigitsCNN(width={width}), {macs / 1e6:.1f} M MACs per sample dense; {levels} levels x "
-                  f"{epochs_per_level} epochs at {prune_fraction:.0%} per level (final sparsity {target:.2%}), "
-                  f"rewind to {rewind_to}")
+    report("imp", {"width": width, "macs": macs, "levels": levels, "epochs_per_level": epochs_per_level,
+                   "prune_fraction": prune_fraction, "final_sparsity": 1 - (1 - prune_fraction) ** levels,
+                   "rewind_to": rewind_to})
     # The classifier is pruned at half the rate, ranked on its own, as the LTH papers prune the output layer:
     # global ranking would take its small-magnitude weights first and cut the network off at high sparsity.
     imp = IterativeMagnitudePruning(levels=levels, epochs_per_level=epochs_per_level, prune_fraction=prune_fraction,
@@ -205,27 +217,21 @@ def run_demo(out: str | os.PathLike[str], *, levels: int = DEMO_DEFAULTS["levels
         manifest = read_manifest(out / "portfolio")
         summary["portfolio"] = str(out / "portfolio")
         summary["variants"] = len(manifest["variants"])
-        console.print(f"Portfolio: {out / 'portfolio'} (manifest.json, variants, portfolio.png)")
-        console.rule("[bold]2. The ladder: the front of validation accuracy against batch-8 latency")
-        report = ladder_report(manifest, val_samples=len(datamodule.val_dataloader().dataset))
-        summary["ladder"] = asdict(report) | {"ok": report.ok}
-        for line in report.lines():
-            console.print(f"[yellow]{line}[/]" if line.startswith("NOT MET") else line, highlight=False)
-        console.print("[green]ladder criteria met[/]" if report.ok else
-                      "[yellow]this portfolio is not a ladder worth switching along (see NOT MET above)[/]")
+        report("portfolio", {"path": out / "portfolio"})
+        ladder = ladder_report(manifest, val_samples=len(datamodule.val_dataloader().dataset))
+        summary["ladder"] = asdict(ladder) | {"ok": ladder.ok}
+        report("ladder", {"report": ladder})
 
     if build and serve:
-        name = {"torchserve": "TorchServe", "litserve": "LitServe"}[engine]
-        console.rule(f"[bold]3. Serving the portfolio with {name}, switching as load changes")
-        console.print(f"engine: {engine_why}", highlight=False)
+        report("serving", {"engine": engine, "why": engine_why})
         from dnnshifter_lightning.demo.serving import run_demo_serving
 
-        # a local demo on 127.0.0.1: TorchServe's token auth off, explicitly, and run_demo_serving prints
+        # a local demo on 127.0.0.1: TorchServe's token auth off, explicitly, and run_demo_serving reports
         # that; LitServe keeps its API key on (the demo reads it from its own work dir)
-        summary["serving"] = run_demo_serving(out / "portfolio", out / "serve", console, engine=engine,
+        summary["serving"] = run_demo_serving(out / "portfolio", out / "serve", report, engine=engine,
                                               no_auth=engine == "torchserve")
         summary["serving"]["engine_why"] = engine_why
     summary["total_seconds"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    console.print(f"Done in {summary['total_seconds']:.0f} s. Summary: {out / 'summary.json'}")
+    report("done", {"seconds": summary["total_seconds"], "summary": out / "summary.json"})
     return summary

@@ -3,7 +3,9 @@
 Both engines serve the same portfolio with the same policy; only starting the server and reading
 its switches differ (:class:`_Engine`). The trace and the report are shared: the capacity of the
 most accurate served variant measured at start, light load, a burst sized from it, recovery, then
-the switches, memory, latency and effective accuracy per phase.
+the switches, memory, latency and effective accuracy per phase. Nothing here prints: what happens
+goes to a ``report(event, info)`` callback, and :class:`~dnnshifter_lightning.cli.DemoPrinter`
+turns it into ``dnnshifter demo``'s console output.
 
 Example::
 
@@ -21,24 +23,34 @@ import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from dnnshifter_lightning.loadgen import LoadResult, run_load, summarize
 from dnnshifter_lightning.serve.defaults import INITIAL_SWITCH_REASON, PIN_HEADER, default_model_config
 from dnnshifter_lightning.serve.torchserve import (JavaMissingError, ServingError, TorchServeServer, _http, build_archive,
                                                    check_java, read_log_events, read_switches)
 
-__all__ = ["run_demo_serving", "choose_engine", "ENGINES"]
-
-
-def _fmt(v: Any) -> str:
-    return "-" if v is None else str(v)
-
-
-def _mb(n: Any) -> str:
-    return "-" if not isinstance(n, (int, float)) else f"{n / 2**20:.2f} MB"
+__all__ = ["run_demo_serving", "choose_engine", "ENGINES", "Report"]
 
 ENGINES = ("torchserve", "litserve")
+
+#: ``report(event, info)``: what the demo tells whoever shows it (the events are listed in
+#: :func:`run_demo_serving` and :func:`~dnnshifter_lightning.demo.run.run_demo`).
+Report = Callable[[str, dict[str, Any]], None]
+
+
+def _silent(event: str, info: dict[str, Any]) -> None:
+    """The default report: nothing is shown."""
+
+
+@contextlib.contextmanager
+def _phase(report: Report, phase: str, **info: Any) -> Iterator[None]:
+    """``phase_start`` before the block and ``phase_end`` after it, even when it raises."""
+    report("phase_start", {"phase": phase, **info})
+    try:
+        yield
+    finally:
+        report("phase_end", {"phase": phase})
 
 
 def choose_engine(requested: str | None = None) -> tuple[str, str]:
@@ -80,19 +92,17 @@ class _Engine:
     headers: dict[str, str]
     memory: Callable[[], dict[str, Any]]  #: the weights held, as the server reported them at start
     switches: Callable[[], list[dict[str, Any]]]  #: every switch so far: time, from, to, reason, switch_ms
-    switch_source: str  #: who saw the switches, for the table's title
-    config_name: str  #: where a fixed variant comes from, for the no-switch message
+    switch_source: str  #: who saw the switches (the report's ``switch_source``)
+    config_name: str  #: where a fixed variant comes from (the report's ``fixed_by``)
     fixed_key: str
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
-def _torchserve(portfolio_dir: Path, workdir: Path, console: Any, model_name: str, no_auth: bool,
+def _torchserve(portfolio_dir: Path, workdir: Path, report: Report, model_name: str, no_auth: bool,
                 config: Mapping[str, Any] | None) -> Iterator[_Engine]:
     mar = build_archive(Path(portfolio_dir), model_name, workdir / "store", config=config, force=True)
-    console.print(f"[bold]serving {mar.name} with TorchServe[/] (127.0.0.1)")
-    if no_auth:
-        console.print("[yellow]token auth is OFF for this demo[/] (127.0.0.1 only; `dnnshifter serve` keeps it on)")
+    report("engine", {"engine": "torchserve", "serving": mar.name, "port": None, "no_auth": no_auth})
     with TorchServeServer(mar.parent, {model_name: mar.name}, no_auth=no_auth, workdir=workdir / "torchserve") as ts:
         path = f"/predictions/{model_name}"
         yield _Engine(ts.ports.inference, path, ts.inference_headers(),
@@ -101,7 +111,7 @@ def _torchserve(portfolio_dir: Path, workdir: Path, console: Any, model_name: st
 
 
 @contextlib.contextmanager
-def _litserve(portfolio_dir: Path, workdir: Path, console: Any, no_auth: bool,
+def _litserve(portfolio_dir: Path, workdir: Path, report: Report, no_auth: bool,
               config: Mapping[str, Any] | None, start_timeout_s: float = 180.0) -> Iterator[_Engine]:
     """``dnnshifter litserve`` in a subprocess (:class:`~dnnshifter_lightning.serve.litserve_command.LitServeServer`:
     its own process group, always stopped), API key on unless ``no_auth``; the key and its logs stay in
@@ -115,9 +125,7 @@ def _litserve(portfolio_dir: Path, workdir: Path, console: Any, no_auth: bool,
         server.start()
     except RuntimeError as exc:
         raise ServingError(f"LitServe did not become healthy (see {server.log_path}):\n{exc}") from exc
-    console.print(f"[bold]serving {portfolio_dir} with LitServe[/] (127.0.0.1:{server.port}, one worker)")
-    if no_auth:
-        console.print("[yellow]API key is OFF for this demo[/] (127.0.0.1 only; `dnnshifter litserve` keeps it on)")
+    report("engine", {"engine": "litserve", "serving": str(portfolio_dir), "port": server.port, "no_auth": no_auth})
     try:
         def memory() -> dict[str, Any]:
             setups = [e for e in server.events() if e.get("event") == "setup"]
@@ -129,10 +137,11 @@ def _litserve(portfolio_dir: Path, workdir: Path, console: Any, no_auth: bool,
         server.stop()
 
 
-def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *, engine: str = "torchserve",
-                     model_name: str = "digits", burst_s: float = 6.0, idle_s: float = 20.0, light_factor: float = 0.3,
-                     burst_factor: float = 2.5, capacity_s: float = 2.0, no_auth: bool = False,
-                     config: Mapping[str, Any] | None = None, deadline_ms: float = 100.0) -> dict[str, Any]:
+def run_demo_serving(portfolio_dir: Path, workdir: Path, report: Optional[Report] = None, *,
+                     engine: str = "torchserve", model_name: str = "digits", burst_s: float = 6.0,
+                     idle_s: float = 20.0, light_factor: float = 0.3, burst_factor: float = 2.5,
+                     capacity_s: float = 2.0, no_auth: bool = False, config: Mapping[str, Any] | None = None,
+                     deadline_ms: float = 100.0) -> dict[str, Any]:
     """The serving part of ``dnnshifter demo``: serve with real TorchServe or LitServe, load it, report.
 
     ``engine="torchserve"`` archives the portfolio and starts TorchServe; ``"litserve"`` starts
@@ -142,13 +151,29 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     (16 clients pinned to it for ``capacity_s``), then an open-loop trace sized from it: ``light``
     (``light_factor`` x C for 3 s), ``burst`` (``burst_factor`` x C for ``burst_s``), ``recovery``
     (``light_factor`` x C until the most accurate variant serves again, at least 5 s and at most
-    ``idle_s``). Prints the served set and its memory, every switch (down under the burst, back up
-    after: from, to, when, why), latency, accuracy and effective accuracy (correct within
-    ``deadline_ms`` of when due, over offered) per phase, and the run's effective accuracy. Auth
-    (TorchServe's token, LitServe's API key) stays on unless ``no_auth`` (``dnnshifter demo`` turns
-    TorchServe's off, on loopback, and says so). Returns them as a dict (``{"skipped": why}`` for
-    TorchServe without Java). ``config`` overrides the archive's model-config (e.g. ``{"handler":
-    {"policy": {...}}}``). About 30-60 s including the server's start.
+    ``idle_s``). Auth (TorchServe's token, LitServe's API key) stays on unless ``no_auth``
+    (``dnnshifter demo`` turns TorchServe's off, on loopback, and says so). ``config`` overrides the
+    archive's model-config (e.g. ``{"handler": {"policy": {...}}}``). About 30-60 s including the
+    server's start.
+
+    Args:
+        report: ``report(event, info)`` hears, in order: ``"skipped"`` (``reason``: TorchServe without
+            Java; nothing else follows), ``"requests"`` (``count``), ``"engine"`` (``engine``,
+            ``serving``: what is served, ``port``, ``no_auth``), then ``"phase_start"`` and
+            ``"phase_end"`` around each step (``phase``: ``capacity``, ``settle``, ``light``, ``burst``,
+            ``recovery``, with its ``rate``, ``seconds``, ``variant`` where it has one), and last
+            ``"result"`` with the returned dict. ``None`` shows nothing;
+            :class:`~dnnshifter_lightning.cli.DemoPrinter` prints them as ``dnnshifter demo`` does.
+
+    Returns:
+        The served set and its memory, every load-driven switch (down under the burst, back up
+        after: from, to, when, why), latency, accuracy and effective accuracy (correct within
+        ``deadline_ms`` of when due, over offered) per phase, and the run's effective accuracy;
+        ``{"skipped": why}`` for TorchServe without Java.
+
+    Raises:
+        ValueError: an unknown ``engine``.
+        ServingError: the server did not start.
 
     >>> report = run_demo_serving(Path("demo_out/portfolio"), Path("demo_out/serve"), engine="litserve")  # doctest: +SKIP
     >>> [(s["from"], s["to"], s["direction"]) for s in report["switches"]]  # doctest: +SKIP
@@ -158,24 +183,19 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
         ...
     ValueError: engine 'triton': choose torchserve or litserve
     """
-    from rich.table import Table
-
     from dnnshifter_lightning.demo.digits import DigitsDataModule
     from dnnshifter_lightning.loadgen import effective_accuracy, run_schedule
     from dnnshifter_lightning.portfolio import read_manifest
     from dnnshifter_lightning.serve.served import resolve_served_set
 
-    if console is None:
-        from rich.console import Console
-
-        console = Console()
+    report = report or _silent
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: choose torchserve or litserve")
     if engine == "torchserve":
         try:
             check_java()
         except JavaMissingError as exc:
-            console.print(f"[yellow]skipping the TorchServe part of the demo:[/] {exc}")
+            report("skipped", {"reason": str(exc)})
             return {"skipped": str(exc)}
     workdir = Path(workdir)
     handler_opts = default_model_config(config)["handler"]
@@ -196,31 +216,31 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
     bodies, labels = json_bodies(x), [int(v) for v in y]
     deadline_s = deadline_ms / 1000.0
     results: dict[str, list[LoadResult]] = {}
-    console.print(f"{len(bodies)} held-out digits as requests")
-    start_engine = (_torchserve(Path(portfolio_dir), workdir, console, model_name, no_auth, config)
-                    if engine == "torchserve" else _litserve(Path(portfolio_dir), workdir, console, no_auth, config))
+    report("requests", {"count": len(bodies)})
+    start_engine = (_torchserve(Path(portfolio_dir), workdir, report, model_name, no_auth, config)
+                    if engine == "torchserve" else _litserve(Path(portfolio_dir), workdir, report, no_auth, config))
     with start_engine as eng:
         hdrs, port, path = eng.headers, eng.port, eng.path
         _http("POST", port, path, bodies[0], hdrs)  # warm-up: the first request pays one-off costs
-        with console.status(f"measuring the capacity of {top}: 16 clients for {capacity_s:g} s"):
+        with _phase(report, "capacity", variant=top, clients=16, seconds=capacity_s):
             probe = run_load(port, path, bodies, concurrency=16, duration_s=capacity_s, max_requests=200_000,
                              headers={**hdrs, PIN_HEADER: top}, phase="capacity")
             capacity = summarize(probe, span_s=capacity_s)["throughput_rps"] or 1.0
         light_rate, burst_rate = max(1.0, light_factor * capacity), burst_factor * capacity
-        with console.status("settling: light load until the most accurate variant serves"):
+        with _phase(report, "settle", variant=top, rate=light_rate):
             settle_end = time.monotonic() + 15.0
             while time.monotonic() < settle_end:
                 chunk = run_schedule(port, path, bodies, [(light_rate, 1.0, "settle")], headers=hdrs)
                 if chunk and chunk[-1].variant == top:
                     break
         wall0, mono0 = time.time(), time.monotonic()
-        with console.status(f"light: {light_rate:.0f} req/s for 3 s"):
+        with _phase(report, "light", rate=light_rate, seconds=3.0):
             results["light"] = run_schedule(port, path, bodies, [(light_rate, 3.0, "light")], headers=hdrs)
-        with console.status(f"burst: {burst_rate:.0f} req/s ({burst_factor:g}x capacity) for {burst_s:g} s"):
+        with _phase(report, "burst", rate=burst_rate, factor=burst_factor, seconds=burst_s):
             results["burst"] = run_schedule(port, path, bodies, [(burst_rate, burst_s, "burst")], headers=hdrs,
                                             start_index=len(results["light"]))
         results["recovery"] = []
-        with console.status(f"recovery: {light_rate:.0f} req/s until the most accurate variant serves again"):
+        with _phase(report, "recovery", variant=top, rate=light_rate, seconds=idle_s):
             start = time.monotonic()
             while time.monotonic() - start < idle_s:
                 chunk = run_schedule(port, path, bodies, [(light_rate, 1.0, "recovery")], headers=hdrs,
@@ -246,49 +266,11 @@ def run_demo_serving(portfolio_dir: Path, workdir: Path, console: Any = None, *,
 
     for s in switches:
         s["direction"] = direction(s)
-    console.print(f"served set ({served.selection}): {', '.join(front)}"
-                  + (f"; dominated, not loaded: {', '.join(served.dominated)}" if served.dominated else "")
-                  + (f"; below the accuracy floor {served.floor:.1%}: {', '.join(served.below_floor)}"
-                     if served.below_floor else "")
-                  + (f" (accuracy floor {served.floor:.1%}, {served.floor_rule})" if served.floor is not None else ""))
-    for warning in served.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
-    if memory:
-        console.print(f"memory for model weights: {_mb(memory.get('total_bytes'))} resident for the {len(front)} "
-                      f"served variants (all compressed + the active one inflated) against "
-                      f"{_mb(memory.get('served_all_inflated_bytes'))} with all of them inflated")
-    console.print(f"capacity of {top}: {capacity:.0f} req/s (closed loop, 16 clients); light load "
-                  f"{light_rate:.0f} req/s, burst {burst_rate:.0f} req/s")
-    table = Table(title=f"variant switches seen by the {eng.switch_source}")
-    for col in ("at (s)", "", "from", "to", "why", "switch (ms)"):
-        table.add_column(col)
-    for s in switches:
-        table.add_row(f"{s['at_s']:.2f}", s["direction"], s["from"], s["to"], s["reason"], f"{s['switch_ms']:.2f}")
-    if switches:
-        console.print(table)
-    elif fixed:
-        console.print(f"[yellow]no switch: {eng.config_name} fixes the variant to {fixed} ({eng.fixed_key})[/]")
-    elif len(front) == 1:
-        console.print(f"[yellow]no switch: {front[0]} is the only served variant (the accuracy/latency front above "
-                      f"the accuracy floor has one variant: it is both the most accurate and the cheapest), so the "
-                      f"policy has nothing to switch to[/]")
-    else:
-        console.print(f"[yellow]no switch happened: the burst did not saturate the worker on {top}[/]")
-    table = Table(title=f"serving per phase (latency from when each request was due; deadline {deadline_ms:g} ms)")
-    for col in ("phase", "requests", "errors", "p50 ms", "p90 ms", "p99 ms", "req/s", "accuracy", "effective acc.",
-                "served by"):
-        table.add_column(col, justify="right" if col not in ("phase", "served by") else "left")
-    for name, p in phases.items():
-        mix = ", ".join(f"{k}: {v}" for k, v in sorted(p["variants"].items()))
-        table.add_row(name, str(p["requests"]), str(p["errors"]), _fmt(p["p50_ms"]), _fmt(p["p90_ms"]),
-                      _fmt(p["p99_ms"]), _fmt(p["throughput_rps"]),
-                      "-" if p["accuracy"] is None else f"{p['accuracy']:.1%}",
-                      "-" if p["effective_accuracy"] is None else f"{p['effective_accuracy']:.1%}", mix)
-    console.print(table)
-    if run_ea is not None:
-        console.print(f"effective accuracy of the run: {run_ea:.1%} of {len(everything)} requests answered correctly "
-                      f"within {deadline_ms:g} ms of when they were due")
-    return {"engine": engine, "model": model_name, **eng.extra, "phases": phases, "switches": switches,
-            "most_accurate": top, "front": front, "served": served.to_dict(), "memory": memory,
-            "capacity_rps": capacity, "light_rate": light_rate, "burst_rate": burst_rate,
-            "effective_accuracy": run_ea, "deadline_ms": deadline_ms}
+    result = {"engine": engine, "model": model_name, **eng.extra, "phases": phases, "switches": switches,
+              "switch_source": eng.switch_source, "fixed_variant": fixed,
+              "fixed_by": {"config": eng.config_name, "key": eng.fixed_key}, "most_accurate": top, "front": front,
+              "served": served.to_dict(), "memory": memory, "capacity_rps": capacity, "light_rate": light_rate,
+              "burst_rate": burst_rate, "effective_accuracy": run_ea, "requests": len(everything),
+              "deadline_ms": deadline_ms}
+    report("result", result)
+    return result

@@ -48,9 +48,21 @@ def test_demo_serving_on_litserve_measures_capacity_bursts_and_prints_the_switch
     pytest.importorskip("litserve")
     from rich.console import Console
 
-    console = Console(record=True, width=200)
-    report = demo_serving.run_demo_serving(portfolio, tmp_path / "serve", console, engine="litserve",
-                                           burst_s=3.0, idle_s=6.0, capacity_s=1.0)
+    from dnnshifter_lightning.cli import DemoPrinter
+
+    console, events = Console(record=True, width=200), []
+    with DemoPrinter(console) as printer:  # what `dnnshifter demo` prints
+
+        def record(event, info):
+            events.append((event, info.get("phase")))
+            printer(event, info)
+
+        report = demo_serving.run_demo_serving(portfolio, tmp_path / "serve", record, engine="litserve",
+                                               burst_s=3.0, idle_s=6.0, capacity_s=1.0)
+    steps = [(e, p) for e, p in events if e.startswith("phase")]
+    assert [e for e, _ in events if not e.startswith("phase")] == ["requests", "engine", "result"]
+    assert steps == [(e, p) for p in ("capacity", "settle", "light", "burst", "recovery")
+                     for e in ("phase_start", "phase_end")]
     text = " ".join(console.export_text().split())
     assert report["engine"] == "litserve" and report["capacity_rps"] > 0
     assert report["burst_rate"] == pytest.approx(2.5 * report["capacity_rps"])  # sized from the measured capacity

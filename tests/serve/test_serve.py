@@ -473,10 +473,12 @@ def test_plain_torchserve_start_serves_and_switches_with_the_archives_defaults(s
 def _demo_serving(portfolio_dir: Path, workdir: Path, **kw) -> tuple[dict, str]:
     from rich.console import Console
 
-    console = Console(record=True, width=200)
+    from dnnshifter_lightning.cli import DemoPrinter
     from dnnshifter_lightning.demo.serving import run_demo_serving
 
-    report = run_demo_serving(portfolio_dir, workdir, console, engine="torchserve", **kw)
+    console = Console(record=True, width=200)
+    with DemoPrinter(console) as printer:  # what `dnnshifter demo` prints
+        report = run_demo_serving(portfolio_dir, workdir, printer, engine="torchserve", **kw)
     return report, console.export_text()
 
 
