@@ -45,11 +45,18 @@ def test_demo_refuses_bad_configuration_before_training(tmp_path):
     assert not (tmp_path / "d" / "imp").exists()
 
 
+def _listed_commands(help_text: str) -> set[str]:
+    """The names in the Commands panel of a typer --help (each first word after the panel's border)."""
+    panel = help_text.split("Commands", 1)[1]
+    return set(re.findall(r"^│ (\S+)  ", panel, re.M))
+
+
 def test_help_lists_every_command():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("demo", "portfolio", "archive", "serve", "litserve"):
-        assert command in result.output
+    assert _listed_commands(result.output) == {"demo", "portfolio", "archive", "serve", "litserve"}
+    sub = CliRunner().invoke(app, ["portfolio", "--help"])
+    assert sub.exit_code == 0 and _listed_commands(sub.output) == {"build", "show"}
 
 
 def _readme_python_blocks() -> list[str]:

@@ -244,5 +244,5 @@ def test_setup_opens_the_runtime_on_the_workers_device(portfolio):
 
     api = PortfolioLitAPI(portfolio, profile_batch_sizes=[1], torch_threads=None)  # leaves this process's threads
     api.setup("meta")
-    active = api.runtime._variants[api.runtime.active_id].module
+    active = api.runtime.variant_module(api.runtime.active_id)
     assert api.runtime.device.type == "meta" and {p.device.type for p in active.parameters()} == {"meta"}
