@@ -37,10 +37,10 @@ console = Console()
 _STDOUT = console  # the default of the commands' and DemoPrinter's ``console`` argument
 
 
-def _exit_with(exc: Exception) -> None:
-    """Print ``exc`` as an error and exit with status 1."""
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=1)
+def _exit(out: Console, exc: Exception) -> SystemExit:
+    """Print ``exc`` as an error on ``out``; the caller raises the returned ``SystemExit(1)``."""
+    out.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return SystemExit(1)
 
 
 @app.command()
@@ -68,7 +68,7 @@ def demo(
                      rewind_to=rewind_to, width=width, seed=seed, serve=serve, fresh=fresh, engine=engine,
                      report=printer)
     except (ValueError, FileExistsError, ServingError) as exc:
-        _exit_with(exc)
+        raise _exit(console, exc) from exc
 
 
 # ------------------------------------------------------------------------------------- demo output
@@ -242,7 +242,7 @@ def portfolio_build(
         portfolio_build_command(ckpt_dir, model, out, datamodule, input_shape=input_shape, input_key=input_key,
                                 target_key=target_key)
     except (ValueError, FileNotFoundError, ImportError) as exc:
-        _exit_with(exc)
+        raise _exit(console, exc) from exc
 
 
 @portfolio_app.command("show")
@@ -251,7 +251,7 @@ def portfolio_show(directory: Path = typer.Argument(..., help="Portfolio directo
     try:
         portfolio_show_command(directory)
     except (ValueError, FileNotFoundError) as exc:
-        _exit_with(exc)
+        raise _exit(console, exc) from exc
 
 
 # ------------------------------------------------------------------------------ portfolio commands
@@ -375,11 +375,6 @@ def portfolio_show_command(dir: Path) -> dict[str, Any]:  # noqa: A002 - the CLI
 # (tests record it). On failure each prints the error and raises SystemExit(1).
 
 from dnnshifter_lightning.serve.defaults import state_dir  # noqa: E402  (the servers' state, shared)
-
-
-def _exit(out: Console, exc: Exception) -> SystemExit:
-    out.print(f"[bold red]error:[/] {exc}", highlight=False)
-    return SystemExit(1)
 
 
 def archive_command(portfolio: Path, model_name: str, export_path: Path, config: Path | None = None,
@@ -516,7 +511,7 @@ def archive(
     try:
         archive_command(portfolio, model_name, export_path, config=config, force=force, variants=variants)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        _exit_with(exc)
+        raise _exit(console, exc) from exc
 
 
 @app.command()
@@ -542,7 +537,7 @@ def serve(
         serve_command(store, model, inference_port=inference_port, management_port=management_port,
                       metrics_port=metrics_port, no_auth=no_auth, enable_model_api=enable_model_api)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        _exit_with(exc)
+        raise _exit(console, exc) from exc
 
 
 @app.command("litserve")
@@ -568,7 +563,7 @@ def litserve_cmd(
         litserve_command(portfolio, host=host, port=port, workers_per_device=workers_per_device, api_key=api_key,
                          no_auth=no_auth, config=config, events_log=events_log, report=_print_litserve_event)
     except (ValueError, FileNotFoundError, ImportError) as exc:
-        _exit_with(exc)
+        raise _exit(console, exc) from exc
 
 
 def _print_litserve_event(event: str, info: dict) -> None:
