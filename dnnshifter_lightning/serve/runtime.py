@@ -640,7 +640,7 @@ class PortfolioRuntime:
         started = time.perf_counter()
         profiles: dict[str, dict[int, float]] = {}
         for vid in self.variant_ids:
-            with self._hold(vid, budgeted=False) as variant, torch.inference_mode():
+            with self._hold(vid, budgeted=False) as variant:  # forward_seconds runs under inference_mode
                 profiles[vid] = {}
                 for b in batch_sizes:
                     batch = self.example_batch(int(b))
