@@ -70,14 +70,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, machine_line, markdown_table, median, update_readme, write_json  # noqa: E402
 
 from dnnshifter_lightning.loadgen import per_second, run_load, run_schedule, summarize  # noqa: E402
-from dnnshifter_lightning.serve.defaults import DEFAULT_MODEL_CONFIG, INITIAL_SWITCH_REASON  # noqa: E402
+from dnnshifter_lightning.serve.defaults import DEFAULT_MODEL_CONFIG, ENGINES, INITIAL_SWITCH_REASON  # noqa: E402
 from dnnshifter_lightning.serve.served import resolve_served_set  # noqa: E402
 from dnnshifter_lightning.serve.torchserve import (  # noqa: E402
     TorchServeServer, build_archive, check_java, read_switches,
 )
 
 NAME = "bench_serving"
-ENGINES = ("torchserve", "litserve")
 STAIRCASE = (0.3, 0.8, 1.5, 3.0, 1.5, 0.8, 0.3)
 BURST = (0.3, 2.5, 0.3)
 WIDTHS = (64, 24, 12)
@@ -499,13 +498,10 @@ def compare_adaptive(reports: dict, stair) -> dict | None:
             **{k: {"torchserve": o_ts[k], "litserve": o_ls[k]} for k in ("p50_ms", "p99_ms", "throughput_rps")}}
 
 
-ENGINE_NAMES = {"torchserve": "TorchServe", "litserve": "LitServe"}
-
-
 def _label(name: str) -> str:
     """``torchserve/fixed_w64`` -> ``TorchServe w64``; ``litserve/adaptive`` -> ``LitServe adaptive``."""
     engine, model = name.split("/", 1)
-    return f"{ENGINE_NAMES[engine]} {model.removeprefix('fixed_')}"
+    return f"{ENGINES[engine]} {model.removeprefix('fixed_')}"
 
 
 def _ms(x: float | None) -> str:
@@ -538,7 +534,7 @@ def _report(args, console, Table, manifest, served, front, acc, engines, ref, ca
                            _ms(o["p50_ms"]), _ms(o["p99_ms"]), f"{o['throughput_rps'] or 0:.0f}",
                            f"{r['switches'][m]:g}" if r["switches"][m] is not None else "-"])
     # the goals, per engine against its own fixed contenders
-    goal_headers = ["step", *[h for e in engines for h in (f"{ENGINE_NAMES[e]}: best fixed", "adaptive - best (pts)",
+    goal_headers = ["step", *[h for e in engines for h in (f"{ENGINES[e]}: best fixed", "adaptive - best (pts)",
                                                           "within 2 pts")]]
     goal_rows = []
     for _, _, p in stair:
@@ -567,7 +563,7 @@ def _report(args, console, Table, manifest, served, front, acc, engines, ref, ca
         burst_rows.append([_label(name), react, _pct_spread(b["on_time_spread"]),
                            _pct_spread(b["effective_accuracy_spread"]),
                            f"{b['switches']:g}" if b["switches"] is not None else "-"])
-    caps = "; ".join(f"{ENGINE_NAMES[e]} " + ", ".join(f"{k} {v:.0f}" for k, v in capacity[e].items()) for e in engines)
+    caps = "; ".join(f"{ENGINES[e]} " + ", ".join(f"{k} {v:.0f}" for k, v in capacity[e].items()) for e in engines)
     cap = capacity[ref][front[0]]
 
     m = machine()
@@ -589,7 +585,7 @@ def _report(args, console, Table, manifest, served, front, acc, engines, ref, ca
                           for e in engines},
               "litserve_vs_torchserve": versus, "runs": runs, "quick": args.quick}
     title = (f"staircase, effective accuracy (%), deadline {deadline_s * 1000:g} ms, C = {cap:.0f} req/s "
-             f"({ENGINE_NAMES[ref]} {front[0]}), median of {args.rounds} round(s)")
+             f"({ENGINES[ref]} {front[0]}), median of {args.rounds} round(s)")
     for t_title, hs, rows in ((title, stair_headers, stair_rows),
                               ("goals, per engine against its own fixed contenders", goal_headers, goal_rows),
                               ("burst 0.3x -> 2.5x C", burst_headers, burst_rows)):
@@ -610,7 +606,7 @@ def _report(args, console, Table, manifest, served, front, acc, engines, ref, ca
         _figure(args.figure, runs, ref, front, acc, stair, deadline_s)
     if args.readme:
         md = (f"Staircase, effective accuracy (%) per step; the traces are the same for every engine, sized from "
-              f"C = {cap:.0f} req/s, the closed-loop capacity of {front[0]} on {ENGINE_NAMES[ref]}; deadline "
+              f"C = {cap:.0f} req/s, the closed-loop capacity of {front[0]} on {ENGINES[ref]}; deadline "
               f"{deadline_s * 1000:g} ms; {args.step_s:g} s per step; median of {args.rounds} interleaved rounds "
               f"(whole staircase: median and range over rounds). Each LitServe contender ran in its own server, "
               f"alone.\n\n"
@@ -643,7 +639,7 @@ def _figure(path: Path, runs, ref: str, front, acc, stair, deadline_s) -> None:
 
     def label(name: str) -> str:
         engine, model = name.split("/", 1)
-        return f"{ENGINE_NAMES[engine]} {model.replace('_', ' ')}"
+        return f"{ENGINES[engine]} {model.replace('_', ' ')}"
 
     adaptive = series[f"{ref}/adaptive"]
     t = [b["t"] for b in adaptive]

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, markdown_table, update_readme  # noqa: E402
 
+from dnnshifter_lightning.serve.defaults import ENGINES  # noqa: E402
+
 
 def _load(name: str) -> dict[str, Any] | None:
     path = RESULTS / f"{name}.json"
@@ -130,7 +132,7 @@ def rows() -> list[list[str]]:
             ad = overall["adaptive"]
             best = max((c for c in overall if c != "adaptive"), key=lambda c: overall[c]["effective_accuracy"])
             steps = goals["steps_within_2_points"].values()
-            name = {"torchserve": "TorchServe", "litserve": "LitServe"}.get(engine, engine)
+            name = ENGINES.get(engine, engine)
             out.append([f"Serving a staircase on {name}: effective accuracy (correct within 100 ms / offered), "
                         "adaptive vs best fixed variant", "(not reported)",
                         f"{ad['effective_accuracy']:.1%} vs {overall[best]['effective_accuracy']:.1%} ({best}); "

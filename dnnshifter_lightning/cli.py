@@ -24,6 +24,7 @@ import typer
 from rich.console import Console
 
 from dnnshifter_lightning.demo.run import DEMO_DEFAULTS
+from dnnshifter_lightning.serve.defaults import ENGINES
 
 app = typer.Typer(
     name="dnnshifter",
@@ -72,9 +73,6 @@ def demo(
 
 
 # ------------------------------------------------------------------------------------- demo output
-
-_ENGINE_NAMES = {"torchserve": "TorchServe", "litserve": "LitServe"}
-
 
 def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
@@ -135,7 +133,7 @@ class DemoPrinter:
                            "[yellow]this portfolio is not a ladder worth switching along (see NOT MET above)[/]")
 
     def _on_serving(self, i: dict[str, Any]) -> None:
-        self.console.rule(f"[bold]3. Serving the portfolio with {_ENGINE_NAMES[i['engine']]}, switching as load changes")
+        self.console.rule(f"[bold]3. Serving the portfolio with {ENGINES[i['engine']]}, switching as load changes")
         self.console.print(f"engine: {i['why']}", highlight=False)
 
     def _on_done(self, i: dict[str, Any]) -> None:

@@ -26,13 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from dnnshifter_lightning.loadgen import LoadResult, run_load, summarize
-from dnnshifter_lightning.serve.defaults import INITIAL_SWITCH_REASON, PIN_HEADER, default_model_config
+from dnnshifter_lightning.serve.defaults import ENGINES, INITIAL_SWITCH_REASON, PIN_HEADER, default_model_config
 from dnnshifter_lightning.serve.torchserve import (JavaMissingError, ServingError, TorchServeServer, _http, build_archive,
                                                    check_java, read_log_events, read_switches)
 
 __all__ = ["run_demo_serving", "choose_engine", "ENGINES", "Report"]
-
-ENGINES = ("torchserve", "litserve")
 
 #: ``report(event, info)``: what the demo tells whoever shows it (the events are listed in
 #: :func:`run_demo_serving` and :func:`~dnnshifter_lightning.demo.run.run_demo`).

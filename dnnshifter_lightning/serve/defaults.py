@@ -15,6 +15,8 @@ from typing import Any, Mapping
 __all__ = ["DEFAULT_MODEL_CONFIG", "INITIAL_SWITCH_REASON", "MAX_REQUEST_BYTES", "PIN_HEADER", "default_model_config"]
 
 PIN_HEADER = "X-DNNShifter-Variant"
+#: The engines that serve a portfolio, and their names in messages and reports.
+ENGINES: dict[str, str] = {"torchserve": "TorchServe", "litserve": "LitServe"}
 INITIAL_SWITCH_REASON = "initial choice"  # the handler's switch log entry for the variant it starts on
 #: Largest request body TorchServe's frontend accepts (``max_request_size``): a 3x224x224 input as
 #: JSON is about 1.5 MB, a photo-sized JPEG a few MB.
