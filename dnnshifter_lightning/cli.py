@@ -82,6 +82,16 @@ def _mb(n: Any) -> str:
     return "-" if not isinstance(n, (int, float)) else f"{n / 2**20:.2f} MB"
 
 
+#: The spinner's text for each step of the demo's serving trace, from its ``phase_start`` info.
+_PHASE_TEXT = {
+    "capacity": "measuring the capacity of {variant}: {clients} clients for {seconds:g} s",
+    "settle": "settling: light load until the most accurate variant serves",
+    "light": "light: {rate:.0f} req/s for {seconds:g} s",
+    "burst": "burst: {rate:.0f} req/s ({factor:g}x capacity) for {seconds:g} s",
+    "recovery": "recovery: {rate:.0f} req/s until the most accurate variant serves again",
+}
+
+
 class DemoPrinter:
     """What ``dnnshifter demo`` prints: a ``report(event, info)`` for
     :func:`~dnnshifter_lightning.demo.run.run_demo` and
@@ -157,15 +167,8 @@ class DemoPrinter:
             self.console.print(f"[yellow]{off}")
 
     def _on_phase_start(self, i: dict[str, Any]) -> None:
-        phase = i["phase"]
-        text = {"capacity": lambda: f"measuring the capacity of {i['variant']}: {i['clients']} clients for {i['seconds']:g} s",
-                "settle": lambda: "settling: light load until the most accurate variant serves",
-                "light": lambda: f"light: {i['rate']:.0f} req/s for {i['seconds']:g} s",
-                "burst": lambda: f"burst: {i['rate']:.0f} req/s ({i['factor']:g}x capacity) for {i['seconds']:g} s",
-                "recovery": lambda: f"recovery: {i['rate']:.0f} req/s until the most accurate variant serves again",
-                }.get(phase, lambda: phase)()
         self.close()
-        self._status = self.console.status(text)
+        self._status = self.console.status(_PHASE_TEXT.get(i["phase"], "{phase}").format(**i))
         self._status.start()
 
     def _on_phase_end(self, i: dict[str, Any]) -> None:
